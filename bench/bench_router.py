@@ -1,0 +1,53 @@
+"""Router benchmark: the fused router vs the reference sequence of PyTorch ops,
+side by side, at T in {1, 128, 4096, 65536, 262144}, for the MoE++-7B layout
+(N = 20, k = 2) and a LongCat-like one (N = 768, k = 12)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import devices
+
+from moepp_kernels import MoEPPConfig, fused_router
+from moepp_kernels import reference as R
+
+LAYOUTS = {
+    "N20_k2": MoEPPConfig.moepp_7b(),
+    "N768_k12": MoEPPConfig.longcat(n_ffn=512, n_identity=256, top_k=12),
+}
+TOKENS = [1, 128, 4096, 65536, 262144]
+QUICK_TOKENS = [1, 128, 4096]
+
+
+def router_bytes(tokens: int, cfg: MoEPPConfig, residual: bool) -> int:
+    n, k = cfg.n_experts, cfg.top_k
+    moved = 4 * tokens * n + 8 * tokens * k  # read l, write ids and weights
+    if residual:
+        moved += 4 * (2 * tokens * n + n * n)  # read r and G, write l'
+    return moved
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("residual", [False, True], ids=["first", "residual"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def bench_router(measure, quick, device, layout, tokens, residual, impl):
+    if quick and tokens not in QUICK_TOKENS:
+        pytest.skip("--quick")
+    cfg = LAYOUTS[layout]
+    n = cfg.n_experts
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(tokens, n, generator=g).to(device)
+    prev = torch.randn(tokens, n, generator=g).to(device) if residual else None
+    weight = (torch.randn(n, n, generator=g) / n**0.5).to(device) if residual else None
+    bias = torch.zeros(n, device=device) if cfg.selection_bias else None
+    if impl == "fused":
+        def fn():
+            return fused_router(logits, cfg, prev_logits=prev, residual_weight=weight, selection_bias=bias)
+    else:
+        def fn():
+            return R.route(logits, cfg, prev, weight, bias)
+    with torch.no_grad():
+        measure(f"router {device} {layout} T={tokens} {'residual' if residual else 'first'}", impl, device, fn,
+                router_bytes(tokens, cfg, residual))

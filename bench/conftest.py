@@ -1,0 +1,102 @@
+"""Benchmark plumbing: each case runs every implementation in one session, the
+ratios are printed side by side at the end and written next to
+pytest-benchmark's JSON (--moepp-summary PATH)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from telemetry import environment, nvml_snapshot  # noqa: E402
+from timing import copy_bandwidth_gbs, gpu_time_ms  # noqa: E402
+
+_RESULTS: dict = defaultdict(dict)  # case -> impl -> record
+_COPY_BW: dict = {}
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", help="smoke run: smallest shapes only")
+    parser.addoption("--moepp-summary", default=None, help="write the side-by-side summary JSON here")
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    return request.config.getoption("--quick")
+
+
+def devices() -> list:
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no GPU"))]
+
+
+def copy_bandwidth(device: str) -> float:
+    if device not in _COPY_BW:
+        _COPY_BW[device] = copy_bandwidth_gbs(device)
+    return _COPY_BW[device]
+
+
+@pytest.fixture
+def measure(benchmark):
+    """measure(case, impl, device, fn, bytes_moved): times fn, records the result."""
+
+    def run(case: str, impl: str, device: str, fn, bytes_moved: int | None = None) -> None:
+        benchmark.group = case
+        benchmark.name = impl
+        record = {"device": device}
+        if device == "cuda":
+            record["nvml_before"] = nvml_snapshot()
+            timing = gpu_time_ms(fn)
+            record["nvml_after"] = nvml_snapshot()
+            record.update(timing)
+
+            def synced():
+                fn()
+                torch.cuda.synchronize()
+
+            benchmark.pedantic(synced, rounds=5, warmup_rounds=1)
+        else:
+            benchmark.pedantic(fn, rounds=5 if bytes_moved is None or bytes_moved < 2**28 else 3, warmup_rounds=1)
+            stats = benchmark.stats.stats
+            record.update({"median_ms": stats.median * 1e3, "min_ms": stats.min * 1e3, "max_ms": stats.max * 1e3,
+                           "stdev_ms": stats.stddev * 1e3, "reps": stats.rounds})
+        if bytes_moved:
+            record["bytes_moved"] = bytes_moved
+            record["achieved_gbs"] = bytes_moved / (record["median_ms"] * 1e-3) / 1e9
+            record["copy_gbs"] = copy_bandwidth(device)
+            record["fraction_of_copy_bw"] = record["achieved_gbs"] / record["copy_gbs"]
+        benchmark.extra_info.update(record)
+        _RESULTS[case][impl] = record
+
+    return run
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("moepp_kernels: side by side (median ms; speedup = reference / fused)")
+    tr.write_line(f"{'case':<44} {'fused':>10} {'reference':>10} {'speedup':>8} {'GB/s':>8} {'of copy':>8}")
+    summary = {"environment": environment(), "cases": {}}
+    for case, impls in _RESULTS.items():
+        fused, ref = impls.get("fused"), impls.get("reference")
+        speedup = ref["median_ms"] / fused["median_ms"] if fused and ref else None
+        row = {"impls": impls, "speedup": speedup}
+        summary["cases"][case] = row
+        f_ms = f"{fused['median_ms']:.4f}" if fused else "-"
+        r_ms = f"{ref['median_ms']:.4f}" if ref else "-"
+        sp = f"{speedup:.2f}x" if speedup else "-"
+        gbs = f"{fused['achieved_gbs']:.1f}" if fused and "achieved_gbs" in fused else "-"
+        frac = f"{100 * fused['fraction_of_copy_bw']:.0f}%" if fused and "fraction_of_copy_bw" in fused else "-"
+        tr.write_line(f"{case:<44} {f_ms:>10} {r_ms:>10} {sp:>8} {gbs:>8} {frac:>8}")
+    path = config.getoption("--moepp-summary")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=2, default=str))
+        tr.write_line(f"summary written to {path}")

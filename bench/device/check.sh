@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU check: one command for a machine with an NVIDIA GPU and no network.
+#   bash bench/device/check.sh [OUT_DIR]      (default: $OUT, else bench/out/device)
+# Builds the package from this working tree with what the machine has (pip
+# --no-build-isolation --no-deps; wheels carried in .whl/ are installed first),
+# runs the test suite (CUDA tests included), then the GPU benchmarks. Logs,
+# nvidia-smi output and JSON land in OUT_DIR. MOEPP_CHECK_STEPS picks steps
+# (default "build test bench"; a first try on a new machine: "build test").
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+OUT_DIR=${1:-${OUT:-$ROOT/bench/out/device}}
+mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
+STEPS=${MOEPP_CHECK_STEPS:-build test bench}
+SITE=${MOEPP_SITE:-/tmp/moepp-site}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} MOEPP_CUDA=${MOEPP_CUDA:-1} MOEPP_CUDA_ARCHS=${MOEPP_CUDA_ARCHS:-90a}
+exec > >(tee -a "$OUT_DIR/check.log") 2>&1
+step() { echo "=== [$(date -u +%FT%TZ)] $*"; }
+failed=""
+
+step "environment"
+nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed"
+nvidia-smi -q -d CLOCK,POWER,TEMPERATURE,PERFORMANCE >> "$OUT_DIR/nvidia-smi.txt" 2>&1
+python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU VISIBLE')"
+echo "commit $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+git -C "$ROOT" status --short 2>/dev/null | head -20
+
+if compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
+  step "carried wheels"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ROOT"/.whl/*.whl || failed+=" wheels"
+fi
+
+if [[ $STEPS == *build* ]]; then
+  step "build (MAX_JOBS=$MAX_JOBS, MOEPP_CUDA_ARCHS=$MOEPP_CUDA_ARCHS)"
+  if ! python3 -m pip install --no-build-isolation --no-deps --no-index --upgrade --target "$SITE" "$ROOT"; then
+    step "build FAILED"
+    exit 1
+  fi
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+cd "$OUT_DIR"  # import the built package, never the source tree (it has no _C)
+
+if [[ $STEPS == *test* ]]; then
+  step "tests"
+  python3 -m pytest "$ROOT/tests" -q -ra -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" || failed+=" tests"
+fi
+
+if [[ $STEPS == *bench* ]]; then
+  step "GPU benchmarks"
+  python3 -m pytest "$ROOT/bench" -q -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
+    -k cuda --benchmark-enable --benchmark-json="$OUT_DIR/benchmark.json" --moepp-summary="$OUT_DIR/summary.json" \
+    || failed+=" bench"
+fi
+
+step "done${failed:+ (failed:$failed)}"
+[[ -z $failed ]]

@@ -1,0 +1,228 @@
+// CUDA fused router: a group of LANES threads (a slice of a warp) per token,
+// running the per-token math of router_math.h. G is staged in shared memory
+// when it fits; per-block expert counts and probability sums are reduced in
+// shared memory and written once per block (no host sync, no allocation).
+#include <type_traits>
+
+#include "../cuda/cuda_utils.h"
+#include "router.h"
+
+namespace moepp::router {
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kMaxBlocks = 4096;
+constexpr int kElementsPerLane = 4;
+constexpr size_t kMaxStagedG = 128 * 129 * sizeof(double);  // N <= 128 in fp32 and fp64
+
+template <int LANES>
+struct WarpGroup {
+  static constexpr int kSize = LANES;
+  unsigned mask;
+  int lane;
+
+  __device__ WarpGroup() {
+    const int warp_lane = threadIdx.x % 32;
+    lane = warp_lane % LANES;
+    mask = LANES == 32 ? 0xffffffffu : (((1u << LANES) - 1u) << (warp_lane - lane));
+  }
+  __device__ int rank() const { return lane; }
+  template <typename T>
+  __device__ T sum(T v) const {
+    for (int offset = LANES / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset, LANES);
+    return v;
+  }
+  template <typename T>
+  __device__ T max(T v) const {
+    for (int offset = LANES / 2; offset > 0; offset /= 2) {
+      const T other = __shfl_xor_sync(mask, v, offset, LANES);
+      v = other > v ? other : v;
+    }
+    return v;
+  }
+  template <typename T>
+  __device__ Candidate<T> best(Candidate<T> c) const {
+    for (int offset = LANES / 2; offset > 0; offset /= 2) {
+      const Candidate<T> other{__shfl_xor_sync(mask, c.score, offset, LANES),
+                               __shfl_xor_sync(mask, c.id, offset, LANES)};
+      if (better(other, c)) c = other;
+    }
+    return c;
+  }
+  __device__ void sync() const { __syncwarp(mask); }
+};
+
+int lanes_for(int num_experts) {
+  int lanes = 1;
+  while (lanes < 32 && lanes * kElementsPerLane < num_experts) lanes *= 2;
+  return lanes;
+}
+
+template <typename F>
+void with_lanes(int lanes, F&& f) {
+  switch (lanes) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    default: f(std::integral_constant<int, 32>{}); break;
+  }
+}
+
+int64_t blocks_for(int64_t tokens, int lanes) {
+  const int64_t groups = kThreads / lanes;
+  return std::min<int64_t>((tokens + groups - 1) / groups, kMaxBlocks);
+}
+
+template <typename T>
+bool stage_g(const T* G, int n) {
+  return G != nullptr && sizeof(T) * n * (n + 1) <= kMaxStagedG;
+}
+
+// Copies G [n, n] into shared memory with row stride n + 1 (fewer bank conflicts).
+template <typename T>
+__device__ T* stage_residual_weight(const T* G, int n, T* smem) {
+  for (int i = threadIdx.x; i < n * n; i += kThreads) smem[(i / n) * (n + 1) + i % n] = G[i];
+  return smem;
+}
+
+template <int LANES, typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(RouterOptions opt, ForwardArgs<T> a, bool staged) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int kGroups = kThreads / LANES;
+  const int n = opt.num_experts;
+  const int k = opt.top_k;
+  T* cursor = reinterpret_cast<T*>(smem_raw);
+  const T* G = a.G;
+  int64_t ldg = n;
+  if (staged) {
+    G = stage_residual_weight(a.G, n, cursor);
+    ldg = n + 1;
+    cursor += n * (n + 1);
+  }
+  const int group = threadIdx.x / LANES;
+  T* val = cursor + group * n;
+  cursor += kGroups * n;
+  T* sel = cursor + group * n;
+  cursor += kGroups * n;
+  T* prob_base = nullptr;
+  if (a.prob_partials != nullptr) {
+    prob_base = cursor;
+    cursor += kGroups * n;
+    for (int i = threadIdx.x; i < kGroups * n; i += kThreads) prob_base[i] = T(0);
+  }
+  int32_t* counts = reinterpret_cast<int32_t*>(cursor);
+  for (int j = threadIdx.x; j < n; j += kThreads) counts[j] = 0;
+  __syncthreads();
+
+  const WarpGroup<LANES> g;
+  T* prob_acc = prob_base != nullptr ? prob_base + group * n : nullptr;
+  for (int64_t t = int64_t(blockIdx.x) * kGroups + group; t < a.tokens; t += int64_t(gridDim.x) * kGroups) {
+    g.sync();
+    if (a.G != nullptr) {
+      for (int j = g.rank(); j < n; j += LANES) sel[j] = a.prev[t * n + j];
+      g.sync();
+    }
+    int32_t ids[kMaxTopK];
+    T gates[kMaxTopK];
+    T* out = a.logits_out != nullptr ? a.logits_out + t * n : nullptr;
+    route_token(g, opt, a.logits + t * n, a.G != nullptr ? G : nullptr, ldg, a.bias, out, val, sel, prob_acc, ids,
+                gates);
+    for (int s = g.rank(); s < k; s += LANES) {
+      a.ids[t * k + s] = ids[s];
+      a.weights[t * k + s] = gates[s];
+      atomicAdd(&counts[ids[s]], 1);
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += kThreads) {
+    if (counts[j] != 0) atomicAdd(&a.counts[j], counts[j]);
+    if (prob_base != nullptr) {
+      T total = 0;
+      for (int gi = 0; gi < kGroups; ++gi) total += prob_base[gi * n + j];
+      a.prob_partials[int64_t(blockIdx.x) * n + j] = total;
+    }
+  }
+}
+
+template <int LANES, typename T>
+__global__ void __launch_bounds__(kThreads) backward_kernel(RouterOptions opt, BackwardArgs<T> a, bool staged) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr int kGroups = kThreads / LANES;
+  const int n = opt.num_experts;
+  const int k = opt.top_k;
+  T* cursor = reinterpret_cast<T*>(smem_raw);
+  const T* G = a.G;
+  int64_t ldg = n;
+  if (staged) {
+    G = stage_residual_weight(a.G, n, cursor);
+    ldg = n + 1;
+    cursor += n * (n + 1);
+  }
+  const int group = threadIdx.x / LANES;
+  T* val = cursor + group * n;
+  cursor += kGroups * n;
+  T* buf = cursor + group * n;
+  __syncthreads();
+
+  const WarpGroup<LANES> g;
+  for (int64_t t = int64_t(blockIdx.x) * kGroups + group; t < a.tokens; t += int64_t(gridDim.x) * kGroups) {
+    g.sync();
+    for (int j = g.rank(); j < n; j += LANES) val[j] = a.routed[t * n + j];
+    g.sync();
+    route_token_backward(g, opt, a.ids + t * k, a.grad_weights ? a.grad_weights + t * k : nullptr,
+                         a.grad_logits_out ? a.grad_logits_out + t * n : nullptr, a.grad_prob_sum,
+                         a.G != nullptr ? G : nullptr, ldg, a.grad_logits + t * n,
+                         a.grad_prev ? a.grad_prev + t * n : nullptr, val, buf);
+  }
+}
+
+}  // namespace
+
+int64_t cuda_partial_rows(int64_t tokens, int num_experts) { return blocks_for(tokens, lanes_for(num_experts)); }
+
+template <typename T>
+void forward_cuda(const RouterOptions& opt, const ForwardArgs<T>& args, int device, uintptr_t stream) {
+  if (args.tokens == 0) return;
+  cuda::DeviceGuard guard(device);
+  const int n = opt.num_experts;
+  const int lanes = lanes_for(n);
+  const bool staged = stage_g(args.G, n);
+  with_lanes(lanes, [&](auto lanes_c) {
+    constexpr int L = decltype(lanes_c)::value;
+    constexpr int groups = kThreads / L;
+    const size_t scalars = (staged ? size_t(n) * (n + 1) : 0) + size_t(groups) * n * (args.prob_partials ? 3 : 2);
+    const size_t bytes = scalars * sizeof(T) + sizeof(int32_t) * n;
+    auto kernel = forward_kernel<L, T>;
+    cuda::allow_shared_memory(kernel, bytes);
+    kernel<<<blocks_for(args.tokens, L), kThreads, bytes, cuda::as_stream(stream)>>>(opt, args, staged);
+  });
+  cuda::check(cudaGetLastError(), "router forward kernel launch");
+}
+
+template <typename T>
+void backward_cuda(const RouterOptions& opt, const BackwardArgs<T>& args, int device, uintptr_t stream) {
+  if (args.tokens == 0) return;
+  cuda::DeviceGuard guard(device);
+  const int n = opt.num_experts;
+  const int lanes = lanes_for(n);
+  const bool staged = stage_g(args.G, n);
+  with_lanes(lanes, [&](auto lanes_c) {
+    constexpr int L = decltype(lanes_c)::value;
+    constexpr int groups = kThreads / L;
+    const size_t bytes = ((staged ? size_t(n) * (n + 1) : 0) + size_t(groups) * n * 2) * sizeof(T);
+    auto kernel = backward_kernel<L, T>;
+    cuda::allow_shared_memory(kernel, bytes);
+    kernel<<<blocks_for(args.tokens, L), kThreads, bytes, cuda::as_stream(stream)>>>(opt, args, staged);
+  });
+  cuda::check(cudaGetLastError(), "router backward kernel launch");
+}
+
+template void forward_cuda<float>(const RouterOptions&, const ForwardArgs<float>&, int, uintptr_t);
+template void forward_cuda<double>(const RouterOptions&, const ForwardArgs<double>&, int, uintptr_t);
+template void backward_cuda<float>(const RouterOptions&, const BackwardArgs<float>&, int, uintptr_t);
+template void backward_cuda<double>(const RouterOptions&, const BackwardArgs<double>&, int, uintptr_t);
+
+}  // namespace moepp::router

@@ -1,0 +1,67 @@
+"""Argument checks with clear errors, and torch tensor -> _C.TensorView."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+}
+
+
+def check_tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype], shape: Sequence[int | None] | None = None,
+                 device: torch.device | None = None) -> Tensor:
+    """Raises TypeError (not a tensor, wrong dtype) or ValueError (shape, device,
+    layout) naming `name`. `None` in `shape` matches any extent."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(want is None or got == want for got, want in zip(t.shape, shape))
+        if not ok:
+            want_str = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} must have shape {want_str}, got {list(t.shape)}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on {t.device}; moepp_kernels supports cpu and cuda tensors")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other arguments are on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+    return t
+
+
+def check_backend(device: torch.device) -> None:
+    if device.type == "cuda" and not _C.built_with_cuda():
+        raise RuntimeError("moepp_kernels was built without CUDA; reinstall with nvcc available to use cuda tensors")
+
+
+def view(t: Tensor) -> _C.TensorView:
+    dev = t.device
+    is_cuda = dev.type == "cuda"
+    index = (dev.index if dev.index is not None else torch.cuda.current_device()) if is_cuda else -1
+    return _C.TensorView(t.data_ptr(), list(t.shape), list(t.stride()), _DTYPE_CODES[t.dtype], int(is_cuda), index)
+
+
+def optional_view(t: Tensor | None) -> _C.TensorView | None:
+    return None if t is None else view(t)
+
+
+def stream_handle(device: torch.device) -> int:
+    """The caller's current CUDA stream on `device` (0 for the CPU)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def device_code(device: torch.device) -> int:
+    return 1 if device.type == "cuda" else 0

@@ -1,0 +1,61 @@
+"""Build moepp_kernels._C with CMake + Ninja (no torch needed at build time).
+
+Environment knobs: MOEPP_CUDA (auto|0|1), MOEPP_CUDA_ARCHS (default "90a"),
+MAX_JOBS (default: from cores and free memory), CMAKE_BUILD_TYPE. ccache is
+used when it is on PATH.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+GB_PER_COMPILE_JOB = 3.2  # a CUTLASS translation unit's peak, the largest we build
+
+
+def default_max_jobs() -> int:
+    cores = os.cpu_count() or 1
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        by_memory = int(pages / (GB_PER_COMPILE_JOB * 2**30))
+    except (ValueError, OSError):
+        by_memory = cores
+    return max(1, min(cores, by_memory))
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        jobs = os.environ.get("MAX_JOBS") or str(default_max_jobs())
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
+            f"-DMOEPP_CUDA={os.environ.get('MOEPP_CUDA', 'auto')}",
+            f"-DMOEPP_CUDA_ARCHS={os.environ.get('MOEPP_CUDA_ARCHS', '90a')}",
+            "-G",
+            "Ninja",
+        ]
+        if shutil.which("ccache"):
+            args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
+        print(f"moepp_kernels: cmake build with MAX_JOBS={jobs}", flush=True)
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+
+
+setup(ext_modules=[CMakeExtension("moepp_kernels._C")], cmdclass={"build_ext": CMakeBuild})
