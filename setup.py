@@ -28,6 +28,20 @@ def default_max_jobs() -> int:
     return max(1, min(cores, by_memory))
 
 
+def drop_stale_cache(build_dir: Path, ninja: str) -> None:
+    """Forget a CMake cache whose cmake or ninja is gone or differs (each isolated
+    pip build has its own, deleted afterwards); the objects stay for ninja/ccache."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return
+    entries = dict(
+        line.split("=", 1) for line in cache.read_text(errors="replace").splitlines() if "=" in line and ":" in line
+    )
+    recorded_cmake = entries.get("CMAKE_COMMAND:INTERNAL", "")
+    if not Path(recorded_cmake).exists() or entries.get("CMAKE_MAKE_PROGRAM:FILEPATH") != ninja:
+        cache.unlink()
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -41,6 +55,10 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
         jobs = os.environ.get("MAX_JOBS") or str(default_max_jobs())
+        cmake, ninja = shutil.which("cmake"), shutil.which("ninja")
+        if cmake is None or ninja is None:
+            raise RuntimeError("moepp_kernels needs cmake and ninja on PATH to build")
+        drop_stale_cache(build_dir, ninja)
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -48,14 +66,15 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
             f"-DMOEPP_CUDA={os.environ.get('MOEPP_CUDA', 'auto')}",
             f"-DMOEPP_CUDA_ARCHS={os.environ.get('MOEPP_CUDA_ARCHS', '90a')}",
+            f"-DCMAKE_MAKE_PROGRAM={ninja}",
             "-G",
             "Ninja",
         ]
         if shutil.which("ccache"):
             args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
         print(f"moepp_kernels: cmake build with MAX_JOBS={jobs}", flush=True)
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
 
 
 setup(ext_modules=[CMakeExtension("moepp_kernels._C")], cmdclass={"build_ext": CMakeBuild})

@@ -88,6 +88,21 @@ __device__ T* stage_residual_weight(const T* G, int n, T* smem) {
   return smem;
 }
 
+// Copies one token's row into the group's shared scratch: 16-byte loads when
+// the row is 16-byte aligned and n * sizeof(T) is a multiple of 16 (dst then
+// is too), element loads otherwise; coalesced either way.
+template <class Group, typename T>
+__device__ void stage_row(const Group& g, const T* row, int n, T* dst) {
+  constexpr int kVec = 16 / sizeof(T);
+  if ((n * sizeof(T)) % 16 == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+    const int4* src4 = reinterpret_cast<const int4*>(row);
+    int4* dst4 = reinterpret_cast<int4*>(dst);
+    for (int i = g.rank(); i < n / kVec; i += Group::kSize) dst4[i] = __ldg(src4 + i);
+  } else {
+    for (int j = g.rank(); j < n; j += Group::kSize) dst[j] = row[j];
+  }
+}
+
 template <int LANES, typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(RouterOptions opt, ForwardArgs<T> a, bool staged) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -125,11 +140,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RouterOptions opt, Fo
       for (int j = g.rank(); j < n; j += LANES) sel[j] = a.prev[t * n + j];
       g.sync();
     }
+    stage_row(g, a.logits + t * n, n, val);
+    g.sync();
     int32_t ids[kMaxTopK];
     T gates[kMaxTopK];
     T* out = a.logits_out != nullptr ? a.logits_out + t * n : nullptr;
-    route_token(g, opt, a.logits + t * n, a.G != nullptr ? G : nullptr, ldg, a.bias, out, val, sel, prob_acc, ids,
-                gates);
+    route_token(g, opt, val, a.G != nullptr ? G : nullptr, ldg, a.bias, out, val, sel, prob_acc, ids, gates);
     for (int s = g.rank(); s < k; s += LANES) {
       a.ids[t * k + s] = ids[s];
       a.weights[t * k + s] = gates[s];
@@ -170,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(RouterOptions opt, B
   const WarpGroup<LANES> g;
   for (int64_t t = int64_t(blockIdx.x) * kGroups + group; t < a.tokens; t += int64_t(gridDim.x) * kGroups) {
     g.sync();
-    for (int j = g.rank(); j < n; j += LANES) val[j] = a.routed[t * n + j];
+    stage_row(g, a.routed + t * n, n, val);
     g.sync();
     route_token_backward(g, opt, a.ids + t * k, a.grad_weights ? a.grad_weights + t * k : nullptr,
                          a.grad_logits_out ? a.grad_logits_out + t * n : nullptr, a.grad_prob_sum,
