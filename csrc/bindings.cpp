@@ -5,6 +5,9 @@
 
 #include <vector>
 
+#include "moe/combine.h"
+#include "moe/ffn_pointwise.h"
+#include "moe/plan.h"
 #include "router/router.h"
 #include "tensor_view.h"
 
@@ -87,5 +90,45 @@ PYBIND11_MODULE(_C, m) {
   m.def("router_backward", &rt::backward, py::arg("options"), py::arg("routed_logits"), py::arg("ids"),
         py::arg("grad_weights"), py::arg("grad_logits_out"), py::arg("grad_prob_sum"), py::arg("residual_weight"),
         py::arg("grad_logits"), py::arg("grad_prev"), py::arg("num_threads"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  namespace moe = moepp::moe;
+  m.attr("MAX_TOP_K_COMBINE") = moe::kMaxSlots;
+  m.def("plan_workspace_ints", &moe::plan_workspace_ints);
+  m.def(
+      "build_plan",
+      [](const TensorView& ids, int n_ffn, const TensorView& offsets, const TensorView& row_src,
+         const TensorView& slot_row, std::optional<TensorView> workspace, uintptr_t stream) {
+        moe::build_plan(ids, n_ffn, offsets, row_src, slot_row, workspace ? &*workspace : nullptr, stream);
+      },
+      py::arg("topk_ids"), py::arg("n_ffn"), py::arg("offsets"), py::arg("row_src"), py::arg("slot_row"),
+      py::arg("workspace"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("gather_rows", &moe::gather_rows, py::arg("x"), py::arg("row_src"), py::arg("offsets"), py::arg("top_k"),
+        py::arg("scale"), py::arg("out"), py::arg("num_threads"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("swiglu_forward", &moe::swiglu_forward, py::arg("h"), py::arg("offsets"), py::arg("a"),
+        py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("swiglu_backward", &moe::swiglu_backward, py::arg("h"), py::arg("da"), py::arg("offsets"), py::arg("dh"),
+        py::arg("a"), py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("row_sum", &moe::row_sum, py::arg("src"), py::arg("slot_row"), py::arg("scale"), py::arg("out"),
+        py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  py::class_<moe::ExpertLayout>(m, "ExpertLayout")
+      .def(py::init([](int n_ffn, int copy_begin, int zero_begin, int n_experts) {
+             return moe::ExpertLayout{n_ffn, n_ffn, copy_begin, zero_begin, n_experts};
+           }),
+           py::arg("n_ffn"), py::arg("copy_begin"), py::arg("zero_begin"), py::arg("n_experts"));
+  py::class_<moe::CombineViews>(m, "CombineViews")
+      .def(py::init([](TensorView x, TensorView y, TensorView ids, TensorView weights, TensorView slot_row,
+                       TensorView mix, TensorView const_value) {
+             return moe::CombineViews{x, y, ids, weights, slot_row, mix, const_value};
+           }),
+           py::arg("x"), py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("slot_row"),
+           py::arg("const_logits"), py::arg("const_value"));
+  m.def("combine_forward", &moe::combine_forward, py::arg("inputs"), py::arg("layout"), py::arg("scale"),
+        py::arg("out"), py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  m.def("combine_backward", &moe::combine_backward, py::arg("inputs"), py::arg("layout"), py::arg("scale"),
+        py::arg("grad_out"), py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_weights"),
+        py::arg("grad_const_logits"), py::arg("const_value_coef"), py::arg("num_threads"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "numeric.h"
 #include "tensor_view.h"
 
 namespace moepp {
@@ -15,6 +16,10 @@ template <>
 struct DTypeOf<float> { static constexpr DType value = DType::kFloat32; };
 template <>
 struct DTypeOf<double> { static constexpr DType value = DType::kFloat64; };
+template <>
+struct DTypeOf<Half> { static constexpr DType value = DType::kFloat16; };
+template <>
+struct DTypeOf<BFloat16> { static constexpr DType value = DType::kBFloat16; };
 template <>
 struct DTypeOf<int32_t> { static constexpr DType value = DType::kInt32; };
 template <>

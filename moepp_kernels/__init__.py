@@ -2,8 +2,28 @@
 
 from . import reference
 from ._C import built_with_cuda
+from .checkpoint import replace_moepp_layers
+from .combine import combine
 from .config import MoEPPConfig
+from .expert_ffn import expert_ffn
+from .layer import MoEPPLayer, load_balance_loss, moepp_layer
+from .permute import PermutationPlan, build_plan
 from .router import MoEPPRouter, RouterOutput, fused_router
 
 __version__ = "0.1.0"
-__all__ = ["MoEPPConfig", "MoEPPRouter", "RouterOutput", "built_with_cuda", "fused_router", "reference"]
+__all__ = [
+    "MoEPPConfig",
+    "MoEPPLayer",
+    "MoEPPRouter",
+    "PermutationPlan",
+    "RouterOutput",
+    "build_plan",
+    "built_with_cuda",
+    "combine",
+    "expert_ffn",
+    "fused_router",
+    "load_balance_loss",
+    "moepp_layer",
+    "reference",
+    "replace_moepp_layers",
+]

@@ -43,11 +43,11 @@ class MoEPPParams:
 
 
 def gate_logits(x: Tensor, params: MoEPPParams) -> Tensor:
-    """Router step 1: fp32 logits [T, N] from x [T, D]."""
+    """Router step 1: fp32 logits [T, N] from x [T, D] (gate weights taken in fp32)."""
     x32 = x.float()
     if params.gate_weight is not None:
-        return x32 @ params.gate_weight.t()
-    return torch.tanh(x32 @ params.gate_w1.t()) @ params.gate_w2.t()
+        return x32 @ params.gate_weight.float().t()
+    return torch.tanh(x32 @ params.gate_w1.float().t()) @ params.gate_w2.float().t()
 
 
 def _nan_to_neg_inf(v: Tensor) -> Tensor:

@@ -221,8 +221,9 @@ class MoEPPRouter(nn.Module):
 
     Parameters: `gate_weight` [N, D] (gate_depth 1) or `gate_w1` [8N, D] and
     `gate_w2` [N, 8N] (gate_depth 2); `residual_weight` G [N, N] when
-    `has_residual` (every MoE++ layer but the first); buffer `selection_bias`
-    [N] when config.selection_bias.
+    `has_residual`, applied when prev_logits is given (every MoE++ layer but the
+    first, like the released layer); buffer `selection_bias` [N] when
+    config.selection_bias.
     """
 
     def __init__(self, config: MoEPPConfig, has_residual: bool = False, device: Optional[torch.device] = None):
@@ -260,10 +261,9 @@ class MoEPPRouter(nn.Module):
         check_tensor("x", x, dtypes=(torch.float32, torch.bfloat16, torch.float16), shape=None)
         if x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"x must have hidden size {self.config.hidden_size} in its last dim, got {x.shape[-1]}")
-        if (prev_logits is not None) != (self.residual_weight is not None):
-            if prev_logits is None:
-                raise ValueError("prev_logits is required: this router has a residual weight (not the first layer)")
+        if prev_logits is not None and self.residual_weight is None:
             raise ValueError("prev_logits was given but this router has no residual weight (has_residual=False)")
         logits = self.gate_logits(x.reshape(-1, x.shape[-1]))
-        return fused_router(logits, self.config, prev_logits=prev_logits, residual_weight=self.residual_weight,
+        residual_weight = self.residual_weight if prev_logits is not None else None
+        return fused_router(logits, self.config, prev_logits=prev_logits, residual_weight=residual_weight,
                             selection_bias=self.selection_bias, return_stats=return_stats)

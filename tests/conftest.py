@@ -8,12 +8,20 @@ import moepp_kernels
 
 HAS_CUDA = torch.cuda.is_available() and moepp_kernels.built_with_cuda()
 
-# (atol, rtol) per dtype, for every comparison against the reference.
+# Per dtype: (atol, rtol) for element-wise comparisons against the reference,
+# and `norm`, the bound on ||got - want|| / ||want|| for results that reduce over
+# many bf16/fp16 products (layer outputs, weight gradients).
 TOLERANCES = {
     torch.float64: (1e-10, 1e-9),
     torch.float32: (1e-5, 1e-5),
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (2e-2, 2e-2),
+}
+NORM_TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
 }
 
 DEVICES = [
@@ -26,3 +34,11 @@ DEVICES = [
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, msg: str = "") -> None:
     atol, rtol = TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=atol, rtol=rtol, msg=msg or None)
+
+
+def assert_norm_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
+    """||actual - expected|| <= NORM_TOLERANCES[dtype] * ||expected|| (computed in fp64)."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    assert a.shape == e.shape, f"{msg}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    err, ref = (a - e).norm().item(), e.norm().item()
+    assert err <= NORM_TOLERANCES[dtype] * max(ref, 1e-12), f"{msg}: relative error {err / max(ref, 1e-12):.3g}"

@@ -256,8 +256,8 @@ def test_module_bad_input():
         router(torch.zeros(2, 15))
     with pytest.raises(ValueError, match="prev_logits"):
         router(torch.zeros(2, 16), torch.zeros(2, 20))
-    with pytest.raises(ValueError, match="prev_logits"):
-        MoEPPRouter(CFG.with_(hidden_size=16), has_residual=True)(torch.zeros(2, 16))
+    first_layer = MoEPPRouter(CFG.with_(hidden_size=16), has_residual=True)(torch.zeros(2, 16))
+    assert first_layer.logits.shape == (2, 20)  # G unused without prev_logits, like the released layer
 
 
 def test_cpp_checks_raise_value_error_naming_the_argument():

@@ -10,11 +10,7 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__CUDACC__)
-#define MOEPP_HD __host__ __device__ __forceinline__
-#else
-#define MOEPP_HD inline
-#endif
+#include "../macros.h"
 
 namespace moepp::router {
 

@@ -46,3 +46,27 @@ def test_compile_inductor_forward():
     assert torch.equal(out.topk_ids, ref.topk_ids)
     torch.testing.assert_close(out.topk_weights, ref.topk_weights)
     torch.testing.assert_close(out.P, ref.P)
+
+
+def test_compile_fullgraph_layer_forward_and_backward():
+    from moepp_kernels import MoEPPLayer
+
+    torch.manual_seed(0)
+    cfg = MoEPPConfig.moepp_7b().with_(hidden_size=32, ffn_size=16)
+    first, second = MoEPPLayer(cfg, has_residual=False, dtype=torch.float32), MoEPPLayer(cfg, dtype=torch.float32)
+
+    def two_layers(x):
+        h, logits = first(x)
+        out, _, balance = second(h, logits, return_balance_loss=True)
+        return out.square().sum() + balance
+
+    x = torch.randn(3, 7, 32)
+    params = list(first.parameters()) + list(second.parameters())
+    eager = two_layers(x)
+    eager_grads = torch.autograd.grad(eager, params)
+    compiled = torch.compile(two_layers, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    grads = torch.autograd.grad(loss, params)
+    torch.testing.assert_close(loss, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)

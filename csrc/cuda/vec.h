@@ -1,0 +1,31 @@
+// Vectors of V elements moved with one 16-byte (or narrower) access.
+#pragma once
+
+#include <cstdint>
+
+#include "../numeric.h"
+
+namespace moepp::cuda {
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+// Elements per 16-byte access for T, when every pointer and the row length allow it.
+template <typename T>
+constexpr int kVecWidth = 16 / sizeof(T);
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+}  // namespace moepp::cuda

@@ -1,0 +1,113 @@
+"""Conversion between the released MoE++ layer's state dict and MoEPPLayer
+(spec: "Checkpoint layout"), and a helper that swaps such layers in a model.
+
+Keys, relative to a layer's `mlp.` prefix: `moe.gate.wg.weight` [N, D] (or
+`moe.gate.wg.0.weight` [8N, D] and `moe.gate.wg.2.weight` [N, 8N]),
+`moe.gate.gate_map.weight` [N, N], `moe.experts.experts.{e}.up_proj.weight`
+[2I, D] and `...{e}.down_proj.weight` [D, I] for FFN experts e,
+`...{c}.constant` [D] and `...{c}.wg.weight` [2, D] for constant experts c
+(global expert ids). Copy and zero experts have no parameters.
+"""
+
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoEPPConfig
+
+EXPERTS = "moe.experts.experts"
+
+
+def _gate_keys(config: MoEPPConfig) -> dict[str, str]:
+    if config.gate_depth == 1:
+        return {"moe.gate.wg.weight": "router.gate_weight"}
+    return {"moe.gate.wg.0.weight": "router.gate_w1", "moe.gate.wg.2.weight": "router.gate_w2"}
+
+
+def _expected_keys(config: MoEPPConfig) -> list[str]:
+    keys = list(_gate_keys(config))
+    for e in range(config.n_ffn):
+        keys += [f"{EXPERTS}.{e}.up_proj.weight", f"{EXPERTS}.{e}.down_proj.weight"]
+    for c in range(config.constant_begin, config.copy_begin):
+        keys += [f"{EXPERTS}.{c}.constant", f"{EXPERTS}.{c}.wg.weight"]
+    return keys
+
+
+def layer_from_moepp_state_dict(state_dict: dict[str, Tensor], config: MoEPPConfig, prefix: str = "",
+                                gemm_backend: str = "auto"):
+    """A MoEPPLayer with the weights of `state_dict` (keys after `prefix`). Expert
+    weights keep the checkpoint's dtype and device; gate weights become fp32.
+    The layer has a residual weight exactly when `moe.gate.gate_map.weight` is there."""
+    from .layer import MoEPPLayer
+
+    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    expected = _expected_keys(config)
+    missing = [k for k in expected if k not in own]
+    if missing:
+        raise ValueError(f"state_dict: missing keys for this config: {[prefix + k for k in missing[:5]]}"
+                         + (" ..." if len(missing) > 5 else ""))
+    residual_key = "moe.gate.gate_map.weight"
+    unexpected = [k for k in own if k not in expected and k != residual_key]
+    if unexpected:
+        raise ValueError(f"state_dict: unexpected keys for this config: {[prefix + k for k in unexpected[:5]]}")
+    reference = own[f"{EXPERTS}.0.up_proj.weight"] if config.n_ffn else next(iter(own.values()))
+    layer = MoEPPLayer(config, has_residual=residual_key in own, dtype=reference.dtype, device=reference.device,
+                       gemm_backend=gemm_backend)
+    with torch.no_grad():
+        targets = dict(layer.named_parameters())
+        for key, name in _gate_keys(config).items():
+            _copy(targets[name], own[key], prefix + key)
+        if residual_key in own:
+            _copy(layer.router.residual_weight, own[residual_key], prefix + residual_key)
+        for e in range(config.n_ffn):
+            _copy(layer.up[e], own[f"{EXPERTS}.{e}.up_proj.weight"], f"{prefix}{EXPERTS}.{e}.up_proj.weight")
+            _copy(layer.down[e], own[f"{EXPERTS}.{e}.down_proj.weight"], f"{prefix}{EXPERTS}.{e}.down_proj.weight")
+        for i, c in enumerate(range(config.constant_begin, config.copy_begin)):
+            _copy(layer.const_value[i], own[f"{EXPERTS}.{c}.constant"], f"{prefix}{EXPERTS}.{c}.constant")
+            _copy(layer.const_gate[i], own[f"{EXPERTS}.{c}.wg.weight"], f"{prefix}{EXPERTS}.{c}.wg.weight")
+    return layer
+
+
+def _copy(dst: Tensor, src: Tensor, key: str) -> None:
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"state_dict[{key!r}]: expected shape {list(dst.shape)}, got {list(src.shape)}")
+    dst.copy_(src)
+
+
+def moepp_state_dict_from_layer(layer, prefix: str = "") -> dict[str, Tensor]:
+    """The released layout's state dict of a MoEPPLayer (the inverse of
+    layer_from_moepp_state_dict)."""
+    config = layer.config
+    params = dict(layer.named_parameters())
+    out = {prefix + key: params[name].detach().clone() for key, name in _gate_keys(config).items()}
+    if layer.router.residual_weight is not None:
+        out[prefix + "moe.gate.gate_map.weight"] = layer.router.residual_weight.detach().clone()
+    for e in range(config.n_ffn):
+        out[f"{prefix}{EXPERTS}.{e}.up_proj.weight"] = layer.up[e].detach().clone()
+        out[f"{prefix}{EXPERTS}.{e}.down_proj.weight"] = layer.down[e].detach().clone()
+    for i, c in enumerate(range(config.constant_begin, config.copy_begin)):
+        out[f"{prefix}{EXPERTS}.{c}.constant"] = layer.const_value[i].detach().clone()
+        out[f"{prefix}{EXPERTS}.{c}.wg.weight"] = layer.const_gate[i].detach().clone()
+    return out
+
+
+def _is_moepp_module(module: nn.Module) -> bool:
+    moe = getattr(module, "moe", None)
+    gate = getattr(moe, "gate", None)
+    return isinstance(moe, nn.Module) and hasattr(gate, "wg") and hasattr(getattr(moe, "experts", None), "experts")
+
+
+def replace_moepp_layers(model: nn.Module, config: MoEPPConfig, gemm_backend: str = "auto") -> list[str]:
+    """Swap every released-layout MoE++ layer module in `model` (a module with
+    `moe.gate.wg` and `moe.experts.experts`, e.g. each decoder layer's `mlp`)
+    for a MoEPPLayer holding its weights (copied into stacked expert tensors;
+    the old module is dropped). Returns the names of the swapped modules."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not name or not _is_moepp_module(module):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer_from_moepp_state_dict(module.state_dict(), config, gemm_backend=gemm_backend))
+        swapped.append(name)
+    return swapped

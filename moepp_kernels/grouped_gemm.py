@@ -1,0 +1,70 @@
+"""The grouped-GEMM interface of the FFN experts: three products over the
+rows of a permutation plan (expert e owns rows [offsets[e], offsets[e+1])):
+
+    forward       out_e = a_e · w_eᵀ      a [R, K], w [G, N, K] -> [R, N]
+    grad_input    da_e  = dy_e · w_e      dy [R, N], w [G, N, K] -> [R, K]
+    grad_weight   dw_e  = dy_eᵀ · a_e     dy [R, N], a [R, K]    -> [G, N, K] (zeros for empty experts)
+
+Rows past offsets[G] are neither read nor written. Backends:
+  "torch"       per-expert matmuls on slices; reads the offsets on the host
+                (one device-to-host sync per call on a GPU).
+  "grouped_mm"  torch._grouped_mm (CUDA sm90+, bf16, offsets stay on the device).
+  "auto"        "torch" for now; later backends (CUTLASS, Triton) plug in here.
+"""
+
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "grouped_mm")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"gemm_backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "torch"
+    if backend == "grouped_mm":
+        ok = (hasattr(torch, "_grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
+              and torch.cuda.get_device_capability(device) >= (9, 0))
+        if not ok:
+            raise ValueError("gemm_backend='grouped_mm' needs torch._grouped_mm, a CUDA sm90+ device and bfloat16")
+    return backend
+
+
+def _bounds(offsets: Tensor) -> list[int]:
+    return offsets.tolist()
+
+
+def forward(a: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    if backend == "grouped_mm":
+        return torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets[1:])
+    out = a.new_empty((a.shape[0], w.shape[1]))
+    b = _bounds(offsets)
+    for e in range(w.shape[0]):
+        if b[e + 1] > b[e]:
+            torch.matmul(a[b[e]:b[e + 1]], w[e].t(), out=out[b[e]:b[e + 1]])
+    return out
+
+
+def grad_input(dy: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    if backend == "grouped_mm":
+        return torch._grouped_mm(dy, w, offs=offsets[1:])
+    out = dy.new_empty((dy.shape[0], w.shape[2]))
+    b = _bounds(offsets)
+    for e in range(w.shape[0]):
+        if b[e + 1] > b[e]:
+            torch.matmul(dy[b[e]:b[e + 1]], w[e], out=out[b[e]:b[e + 1]])
+    return out
+
+
+def grad_weight(dy: Tensor, a: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    if backend == "grouped_mm":
+        return torch._grouped_mm(dy.t(), a, offs=offsets[1:])
+    groups = offsets.shape[0] - 1
+    out = dy.new_zeros((groups, dy.shape[1], a.shape[1]))
+    b = _bounds(offsets)
+    for e in range(groups):
+        if b[e + 1] > b[e]:
+            torch.matmul(dy[b[e]:b[e + 1]].t(), a[b[e]:b[e + 1]], out=out[e])
+    return out
