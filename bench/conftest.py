@@ -77,24 +77,41 @@ def measure(benchmark):
     return run
 
 
+def _derived(impls: dict) -> dict:
+    """Speedup of fused over reference, and each part's share of the whole layer."""
+    out = {}
+    if "fused" in impls and "reference" in impls:
+        out["speedup"] = impls["reference"]["median_ms"] / impls["fused"]["median_ms"]
+    if "layer" in impls:
+        total = impls["layer"]["median_ms"]
+        out["share_of_layer"] = {k: v["median_ms"] / total for k, v in impls.items() if k != "layer"}
+        out["share_of_layer"]["router+plan+combine"] = sum(
+            impls[k]["median_ms"] for k in ("router", "plan", "combine") if k in impls) / total
+    return out
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _RESULTS:
         return
     tr = terminalreporter
-    tr.section("moepp_kernels: side by side (median ms; speedup = reference / fused)")
-    tr.write_line(f"{'case':<44} {'fused':>10} {'reference':>10} {'speedup':>8} {'GB/s':>8} {'of copy':>8}")
+    tr.section("moepp_kernels: side by side (median ms)")
+    tr.write_line(f"{'case':<46} {'impl':<10} {'median ms':>10} {'GB/s':>8} {'of copy':>8}  derived")
     summary = {"environment": environment(), "cases": {}}
     for case, impls in _RESULTS.items():
-        fused, ref = impls.get("fused"), impls.get("reference")
-        speedup = ref["median_ms"] / fused["median_ms"] if fused and ref else None
-        row = {"impls": impls, "speedup": speedup}
-        summary["cases"][case] = row
-        f_ms = f"{fused['median_ms']:.4f}" if fused else "-"
-        r_ms = f"{ref['median_ms']:.4f}" if ref else "-"
-        sp = f"{speedup:.2f}x" if speedup else "-"
-        gbs = f"{fused['achieved_gbs']:.1f}" if fused and "achieved_gbs" in fused else "-"
-        frac = f"{100 * fused['fraction_of_copy_bw']:.0f}%" if fused and "fraction_of_copy_bw" in fused else "-"
-        tr.write_line(f"{case:<44} {f_ms:>10} {r_ms:>10} {sp:>8} {gbs:>8} {frac:>8}")
+        derived = _derived(impls)
+        summary["cases"][case] = {"impls": impls, **derived}
+        for impl, r in impls.items():
+            gbs = f"{r['achieved_gbs']:.1f}" if "achieved_gbs" in r else "-"
+            frac = f"{100 * r['fraction_of_copy_bw']:.0f}%" if "fraction_of_copy_bw" in r else "-"
+            note = ""
+            if impl == "fused" and "speedup" in derived:
+                note = f"speedup {derived['speedup']:.2f}x over reference"
+            elif "share_of_layer" in derived and impl in derived["share_of_layer"]:
+                note = f"{100 * derived['share_of_layer'][impl]:.1f}% of layer"
+            tr.write_line(f"{case:<46} {impl:<10} {r['median_ms']:>10.4f} {gbs:>8} {frac:>8}  {note}")
+        if "share_of_layer" in derived:
+            tr.write_line(f"{case:<46} {'r+p+c':<10} {'':>10} {'':>8} {'':>8}  "
+                          f"{100 * derived['share_of_layer']['router+plan+combine']:.1f}% of layer")
     path = config.getoption("--moepp-summary")
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,87 @@
+"""MoE++ layer benchmark: the fused layer vs the plain-PyTorch reference
+(per-expert loop), forward and forward+backward, side by side; and the router,
+permutation plan and combine epilogue as shares of the layer's forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_GPU
+
+from moepp_kernels import MoEPPConfig, MoEPPLayer, build_plan, combine, fused_router
+from moepp_kernels import reference as R
+
+# (preset, tokens, devices it runs on): 0.6B at T = 4096 everywhere, 7B at T = 16384 on a GPU.
+CASES = [("0.6b", 4096, ("cpu", "cuda")), ("7b", 16384, ("cuda",))]
+QUICK_TOKENS = 256
+PRESETS = {"0.6b": MoEPPConfig.moepp_0_6b, "7b": MoEPPConfig.moepp_7b}
+
+
+def setup_layer(preset: str, tokens: int, device: str):
+    cfg = PRESETS[preset]()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    layer = MoEPPLayer(cfg, has_residual=True, dtype=dtype, device=device)
+    with torch.no_grad():
+        layer.router.residual_weight.normal_(std=0.1)
+    x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
+    prev = torch.randn(tokens, cfg.n_experts, device=device)
+    return cfg, layer, x, prev
+
+
+def reference_params(layer: MoEPPLayer) -> R.MoEPPParams:
+    r = layer.router
+    return R.MoEPPParams(up=layer.up, down=layer.down, const_gate=layer.const_gate, const_value=layer.const_value,
+                         gate_weight=r.gate_weight, residual_weight=r.residual_weight)
+
+
+def cases() -> list:
+    out = []
+    for preset, tokens, where in CASES:
+        for device in where:
+            marks = [pytest.mark.skipif(not HAS_GPU, reason="no GPU")] if device == "cuda" else []
+            out.append(pytest.param(preset, tokens, device, id=f"{preset}-T{tokens}-{device}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("preset, tokens, device", list(cases()))
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def bench_layer(measure, quick, preset, tokens, device, mode, impl):
+    tokens = QUICK_TOKENS if quick else tokens
+    cfg, layer, x, prev = setup_layer(preset, tokens, device)
+    params = reference_params(layer)
+    run = (lambda: layer(x, prev)) if impl == "fused" else (lambda: R.moepp_layer(x, params, cfg, prev))
+    if mode == "forward":
+        def fn():
+            with torch.no_grad():
+                return run()
+    else:
+        x.requires_grad_()
+
+        def fn():
+            out, logits = run()
+            (out.float().square().sum() + logits.sum()).backward()
+    measure(f"layer {device} {preset} T={tokens} {mode}", impl, device, fn)
+
+
+@pytest.mark.parametrize("preset, tokens, device", list(cases()))
+@pytest.mark.parametrize("part", ["layer", "router", "plan", "combine"])
+def bench_layer_parts(measure, quick, preset, tokens, device, part):
+    tokens = QUICK_TOKENS if quick else tokens
+    cfg, layer, x, prev = setup_layer(preset, tokens, device)
+    with torch.no_grad():
+        logits = layer.router.gate_logits(x)
+        route = fused_router(logits, cfg, prev_logits=prev, residual_weight=layer.router.residual_weight)
+        plan = build_plan(route.topk_ids, cfg.n_ffn)
+        y = torch.randn(tokens * cfg.top_k, cfg.hidden_size, device=device, dtype=x.dtype)
+        mix = torch.randn(tokens, 2 * cfg.n_constant, device=device)
+    fns = {
+        "layer": lambda: layer(x, prev),
+        "router": lambda: fused_router(logits, cfg, prev_logits=prev, residual_weight=layer.router.residual_weight),
+        "plan": lambda: build_plan(route.topk_ids, cfg.n_ffn),
+        "combine": lambda: combine(x, y, route.topk_ids, route.topk_weights, plan.slot_row, mix, layer.const_value,
+                                   cfg.n_ffn, cfg.copy_begin, cfg.zero_begin, cfg.n_experts, 1.0),
+    }
+    with torch.no_grad():
+        measure(f"layer parts {device} {preset} T={tokens}", part, device, fns[part])
