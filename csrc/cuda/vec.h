@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../numeric.h"
 
@@ -26,6 +27,17 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
   *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+// Calls launch(width) with width = kVecWidth<T> (16-byte accesses) when
+// `vectorizable`, else 1, as a std::integral_constant the kernel template takes.
+template <typename T, typename F>
+void with_vec_width(bool vectorizable, F&& launch) {
+  if (vectorizable) {
+    launch(std::integral_constant<int, kVecWidth<T>>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
 }
 
 }  // namespace moepp::cuda

@@ -133,12 +133,9 @@ template <typename T>
 void combine_cuda(const CombineArgs<T>& a, int device, uintptr_t stream) {
   if (a.tokens == 0) return;
   cuda::DeviceGuard guard(device);
-  constexpr int V = cuda::kVecWidth<T>;
-  if (vectorizable(a)) {
-    combine_kernel<T, V><<<blocks_for(a.tokens), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  } else {
-    combine_kernel<T, 1><<<blocks_for(a.tokens), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  }
+  cuda::with_vec_width<T>(vectorizable(a), [&](auto width) {
+    combine_kernel<T, decltype(width)::value><<<blocks_for(a.tokens), kThreads, 0, cuda::as_stream(stream)>>>(a);
+  });
   cuda::check(cudaGetLastError(), "combine kernel");
 }
 
@@ -146,12 +143,10 @@ template <typename T>
 void combine_backward_cuda(const CombineArgs<T>& a, int device, uintptr_t stream) {
   if (a.tokens == 0) return;
   cuda::DeviceGuard guard(device);
-  constexpr int V = cuda::kVecWidth<T>;
-  if (vectorizable(a)) {
-    combine_backward_kernel<T, V><<<blocks_for(a.tokens), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  } else {
-    combine_backward_kernel<T, 1><<<blocks_for(a.tokens), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  }
+  cuda::with_vec_width<T>(vectorizable(a), [&](auto width) {
+    combine_backward_kernel<T, decltype(width)::value>
+        <<<blocks_for(a.tokens), kThreads, 0, cuda::as_stream(stream)>>>(a);
+  });
   cuda::check(cudaGetLastError(), "combine backward kernel");
 }
 

@@ -103,14 +103,11 @@ template <typename T>
 void gather_rows_cuda(const GatherArgs<T>& a, int device, uintptr_t stream) {
   if (a.rows == 0 || a.dim == 0) return;
   cuda::DeviceGuard guard(device);
-  constexpr int V = cuda::kVecWidth<T>;
-  const bool vec = a.dim % V == 0 && cuda::aligned16(a.x) && cuda::aligned16(a.out);
-  const int64_t work = a.rows * (vec ? a.dim / V : a.dim);
-  if (vec) {
-    gather_kernel<T, V><<<blocks_for(work), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  } else {
-    gather_kernel<T, 1><<<blocks_for(work), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  }
+  const bool vec = a.dim % cuda::kVecWidth<T> == 0 && cuda::aligned16(a.x) && cuda::aligned16(a.out);
+  cuda::with_vec_width<T>(vec, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    gather_kernel<T, V><<<blocks_for(a.rows * a.dim / V), kThreads, 0, cuda::as_stream(stream)>>>(a);
+  });
   cuda::check(cudaGetLastError(), "gather kernel");
 }
 
@@ -118,15 +115,12 @@ template <typename T>
 void swiglu_cuda(const SwigluArgs<T>& a, int device, uintptr_t stream) {
   if (a.rows == 0 || a.inner == 0) return;
   cuda::DeviceGuard guard(device);
-  constexpr int V = cuda::kVecWidth<T>;
-  const bool vec = a.inner % V == 0 && cuda::aligned16(a.h) && cuda::aligned16(a.a) &&
+  const bool vec = a.inner % cuda::kVecWidth<T> == 0 && cuda::aligned16(a.h) && cuda::aligned16(a.a) &&
                    (a.da == nullptr || (cuda::aligned16(a.da) && cuda::aligned16(a.dh)));
-  const int64_t work = a.rows * (vec ? a.inner / V : a.inner);
-  if (vec) {
-    swiglu_kernel<T, V><<<blocks_for(work), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  } else {
-    swiglu_kernel<T, 1><<<blocks_for(work), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  }
+  cuda::with_vec_width<T>(vec, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    swiglu_kernel<T, V><<<blocks_for(a.rows * a.inner / V), kThreads, 0, cuda::as_stream(stream)>>>(a);
+  });
   cuda::check(cudaGetLastError(), "swiglu kernel");
 }
 
@@ -134,14 +128,11 @@ template <typename T>
 void row_sum_cuda(const RowSumArgs<T>& a, int device, uintptr_t stream) {
   if (a.tokens == 0 || a.dim == 0) return;
   cuda::DeviceGuard guard(device);
-  constexpr int V = cuda::kVecWidth<T>;
-  const bool vec = a.dim % V == 0 && cuda::aligned16(a.src) && cuda::aligned16(a.out);
-  const int64_t work = a.tokens * (vec ? a.dim / V : a.dim);
-  if (vec) {
-    row_sum_kernel<T, V><<<blocks_for(work), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  } else {
-    row_sum_kernel<T, 1><<<blocks_for(work), kThreads, 0, cuda::as_stream(stream)>>>(a);
-  }
+  const bool vec = a.dim % cuda::kVecWidth<T> == 0 && cuda::aligned16(a.src) && cuda::aligned16(a.out);
+  cuda::with_vec_width<T>(vec, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    row_sum_kernel<T, V><<<blocks_for(a.tokens * a.dim / V), kThreads, 0, cuda::as_stream(stream)>>>(a);
+  });
   cuda::check(cudaGetLastError(), "row sum kernel");
 }
 
