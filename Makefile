@@ -1,12 +1,13 @@
 # make bench : set up (venv, torch, this package) then run the benchmarks
 # make test  : set up then run ruff and the whole test suite
 # Knobs: TORCH (pip requirement for torch, default: the newest the index allows),
-#        PYTHON (interpreter for the venv), BENCH_OUT, BENCH_ARGS (e.g. --quick),
+#        PYTHON (interpreter for the venv), BENCH_OUT (default bench/results/<device>),
+#        BENCH_ARGS (e.g. --quick),
 #        MAX_JOBS, MOEPP_CUDA, MOEPP_CUDA_ARCHS (see README).
 SHELL := /bin/bash
 PYTHON ?= python3
 TORCH ?= torch
-BENCH_OUT ?= bench/out
+BENCH_OUT ?=
 BENCH_ARGS ?=
 
 ifdef VIRTUAL_ENV
@@ -34,11 +35,15 @@ test: lint
 	@set +e; $(BIN)/pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# Results go to bench/results/<device-name>/ (BENCH_OUT overrides): pytest-benchmark's JSON,
+# summary.json (side-by-side ratios and telemetry), report.md and speedup_vs_tau.png.
 bench: setup
-	@mkdir -p $(BENCH_OUT)
-	@set +e; $(BIN)/pytest bench -o python_files='bench_*.py' -o python_functions='bench_*' --benchmark-enable \
-		--benchmark-json=$(BENCH_OUT)/benchmark.json --moepp-summary=$(BENCH_OUT)/summary.json $(BENCH_ARGS); \
-	rc=$$?; if [ $$rc -eq 5 ]; then echo "make bench: no benchmarks collected" >&2; exit 1; fi; exit $$rc
+	@set +e; out="$(BENCH_OUT)"; [ -n "$$out" ] || out="bench/results/$$($(BIN)/python bench/report.py --device-name)"; \
+	mkdir -p "$$out"; \
+	$(BIN)/pytest bench -o python_files='bench_*.py' -o python_functions='bench_*' --benchmark-enable \
+		--benchmark-json="$$out/benchmark.json" --moepp-summary="$$out/summary.json" $(BENCH_ARGS); \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "make bench: no benchmarks collected" >&2; exit 1; fi; \
+	[ $$rc -eq 0 ] || exit $$rc; $(BIN)/python bench/report.py "$$out"
 
 clean:
 	rm -rf build *.egg-info $(BENCH_OUT)

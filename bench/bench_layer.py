@@ -83,5 +83,13 @@ def bench_layer_parts(measure, quick, preset, tokens, device, part):
         "combine": lambda: combine(x, y, route.topk_ids, route.topk_weights, plan.slot_row, mix, layer.const_value,
                                    cfg.n_ffn, cfg.copy_begin, cfg.zero_begin, cfg.n_experts, 1.0),
     }
+    e, k, n, d = x.element_size(), cfg.top_k, cfg.n_experts, cfg.hidden_size
+    rows = int(plan.offsets[-1])
+    moved = {
+        "layer": None,
+        "router": 4 * tokens * n * 3 + 4 * n * n + 8 * tokens * k,  # l, r, l' ; G ; ids, gates
+        "plan": 16 * tokens * k,  # ids read twice, row_src and slot_row written
+        "combine": e * (2 * tokens * d + rows * d) + 12 * tokens * k + 4 * tokens * 2 * cfg.n_constant,
+    }
     with torch.no_grad():
-        measure(f"layer parts {device} {preset} T={tokens}", part, device, fns[part])
+        measure(f"layer parts {device} {preset} T={tokens}", part, device, fns[part], bytes_moved=moved[part])

@@ -46,7 +46,8 @@ def copy_bandwidth(device: str) -> float:
 def measure(benchmark):
     """measure(case, impl, device, fn, bytes_moved): times fn, records the result."""
 
-    def run(case: str, impl: str, device: str, fn, bytes_moved: int | None = None) -> None:
+    def run(case: str, impl: str, device: str, fn, bytes_moved: int | None = None, flops: int | None = None,
+            extra: dict | None = None) -> None:
         benchmark.group = case
         benchmark.name = impl
         record = {"device": device}
@@ -66,6 +67,12 @@ def measure(benchmark):
             stats = benchmark.stats.stats
             record.update({"median_ms": stats.median * 1e3, "min_ms": stats.min * 1e3, "max_ms": stats.max * 1e3,
                            "stdev_ms": stats.stddev * 1e3, "reps": stats.rounds})
+        record.update(extra or {})
+        if "weight_read_ms" in record:
+            record["weight_read_ratio"] = record["median_ms"] / record["weight_read_ms"]
+        if flops:
+            record["flops"] = flops
+            record["tflops"] = flops / (record["median_ms"] * 1e-3) / 1e12
         if bytes_moved:
             record["bytes_moved"] = bytes_moved
             record["achieved_gbs"] = bytes_moved / (record["median_ms"] * 1e-3) / 1e9
@@ -78,10 +85,22 @@ def measure(benchmark):
 
 
 def _derived(impls: dict) -> dict:
-    """Speedup of fused over reference, and each part's share of the whole layer."""
+    """Speedup of fused over reference, MoE++ over vanilla (with the ideal and the
+    paper's), grouped GEMMs' efficiency against dense, parts' share of the layer."""
     out = {}
-    if "fused" in impls and "reference" in impls:
-        out["speedup"] = impls["reference"]["median_ms"] / impls["fused"]["median_ms"]
+    ms = {k: v["median_ms"] for k, v in impls.items()}
+    if "fused" in ms and "reference" in ms:
+        out["speedup"] = ms["reference"] / ms["fused"]
+    if "moepp" in ms and "vanilla" in ms:
+        moepp = impls["moepp"]
+        out["speedup_vs_vanilla"] = ms["vanilla"] / ms["moepp"]
+        out["ideal_speedup"] = moepp["ideal_speedup"]
+        out["fraction_of_ideal"] = out["speedup_vs_vanilla"] / moepp["ideal_speedup"]
+        out["paper_speedup"] = moepp["paper_speedup"]
+        out["target_zc_share"] = moepp["target_zc_share"]
+        out["measured_zc_share"] = moepp["measured_zc_share"]
+    if "dense" in ms:
+        out["efficiency_vs_dense"] = {k: ms["dense"] / v for k, v in ms.items() if k != "dense"}
     if "layer" in impls:
         total = impls["layer"]["median_ms"]
         out["share_of_layer"] = {k: v["median_ms"] / total for k, v in impls.items() if k != "layer"}
@@ -96,7 +115,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("moepp_kernels: side by side (median ms)")
     tr.write_line(f"{'case':<46} {'impl':<10} {'median ms':>10} {'GB/s':>8} {'of copy':>8}  derived")
-    summary = {"environment": environment(), "cases": {}}
+    env = environment()
+    if HAS_GPU:
+        env["nvml"] = nvml_snapshot(torch.cuda.current_device())
+    summary = {"environment": env, "cases": {}}
     for case, impls in _RESULTS.items():
         derived = _derived(impls)
         summary["cases"][case] = {"impls": impls, **derived}
@@ -106,8 +128,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             note = ""
             if impl == "fused" and "speedup" in derived:
                 note = f"speedup {derived['speedup']:.2f}x over reference"
+            elif impl == "moepp" and "speedup_vs_vanilla" in derived:
+                paper = derived["paper_speedup"]
+                note = (f"{derived['speedup_vs_vanilla']:.2f}x vanilla (ideal {derived['ideal_speedup']:.2f}x, "
+                        f"paper {'-' if paper is None else f'{paper:.2f}x'}; zc share "
+                        f"{derived['measured_zc_share']:.3f} for {derived['target_zc_share']:.3f})")
             elif "share_of_layer" in derived and impl in derived["share_of_layer"]:
                 note = f"{100 * derived['share_of_layer'][impl]:.1f}% of layer"
+            elif "efficiency_vs_dense" in derived and impl in derived["efficiency_vs_dense"]:
+                note = f"{derived['efficiency_vs_dense'][impl]:.2f}x dense"
+            if "tflops" in r:
+                note += f" {r['tflops']:.1f} TFLOP/s"
+            if "weight_read_ratio" in r:
+                note += f" {r['weight_read_ratio']:.2f}x the weight-read time"
+            if any((r.get(k) or {}).get("throttled") for k in ("nvml_before", "nvml_after")):
+                note += " [THROTTLED]"
             tr.write_line(f"{case:<46} {impl:<10} {r['median_ms']:>10.4f} {gbs:>8} {frac:>8}  {note}")
         if "share_of_layer" in derived:
             tr.write_line(f"{case:<46} {'r+p+c':<10} {'':>10} {'':>8} {'':>8}  "

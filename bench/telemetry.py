@@ -3,7 +3,10 @@ clocks, power, temperature and throttle reasons."""
 
 from __future__ import annotations
 
+import datetime
+import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -23,6 +26,8 @@ def git_commit() -> str:
 
 def environment() -> dict:
     info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device_name": device_name(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
         "moepp_kernels": moepp_kernels.__version__,
@@ -40,6 +45,15 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def device_name() -> str:
+    """A folder name for this machine's results: the GPU's name, else the CPU's."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
 def nvml_snapshot(device_index: int = 0) -> dict | None:

@@ -50,6 +50,8 @@ if [[ $STEPS == *bench* ]]; then
   python3 -m pytest "$ROOT/bench" -q -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
     -k cuda --benchmark-enable --benchmark-json="$OUT_DIR/benchmark.json" --moepp-summary="$OUT_DIR/summary.json" \
     || failed+=" bench"
+  step "report"
+  python3 "$ROOT/bench/report.py" "$OUT_DIR" || failed+=" report"
 fi
 
 step "done${failed:+ (failed:$failed)}"

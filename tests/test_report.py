@@ -1,0 +1,56 @@
+"""bench/report.py: the report, the plot and the README's generated section."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import report  # noqa: E402
+
+
+def summary(gpu="NVIDIA H200", date="2026-11-28T00:00:00+00:00"):
+    moepp = {"median_ms": 1.0, "size": "0.6b", "tau": 0.5, "target_zc_share": 0.5, "measured_zc_share": 0.49,
+             "ideal_speedup": 2.0, "paper_speedup": 1.38, "nvml_before": {"throttled": True}}
+    return {
+        "environment": {"gpu": gpu, "torch": "2.11", "commit": "abc123", "date": date},
+        "cases": {
+            "table3 cuda 0.6b T=16384 tau=0.50": {
+                "impls": {"moepp": moepp, "vanilla": {"median_ms": 1.8}}, "speedup_vs_vanilla": 1.8,
+                "ideal_speedup": 2.0, "fraction_of_ideal": 0.9, "paper_speedup": 1.38, "target_zc_share": 0.5,
+                "measured_zc_share": 0.49},
+            "layer cuda 7b T=16384 forward": {
+                "impls": {"fused": {"median_ms": 2.0}, "reference": {"median_ms": 20.0}}, "speedup": 10.0},
+        },
+    }
+
+
+def test_report_and_plot(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps(summary()))
+    report.write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 0.6b | 0.50 | 0.490 (0.500) | 1.80x | 2.00x | 0.90 | 1.38x |" in text
+    assert "10.00x the reference" in text
+    assert "Throttled" in text and "NVIDIA H200" in text
+    assert (tmp_path / "speedup_vs_tau.png").stat().st_size > 1000
+
+
+def test_readme_section_comes_from_the_newest_gpu_results(tmp_path):
+    for name, date in (("old", "2026-01-01"), ("new", "2026-06-01")):
+        (tmp_path / "results" / name).mkdir(parents=True)
+        (tmp_path / "results" / name / "summary.json").write_text(json.dumps(summary(f"GPU-{name}", date)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nstale\n{report.END}\nrest\n")
+    report.update_readme(readme, tmp_path / "results")
+    text = readme.read_text()
+    assert "GPU-new" in text and "stale" not in text and text.endswith("rest\n")
+
+
+def test_committed_readme_is_generated(tmp_path):
+    """The README's performance section is what report.py makes of bench/results/ (not typed by hand)."""
+    copy = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", copy)
+    report.update_readme(copy, ROOT / "bench" / "results")
+    assert copy.read_text() == (ROOT / "README.md").read_text()
