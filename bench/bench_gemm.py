@@ -20,8 +20,10 @@ PRESETS = {"0.6b": MoEPPConfig.moepp_0_6b, "7b": MoEPPConfig.moepp_7b}
 
 def backends(device: str) -> list:
     out = ["torch", "dense"]
-    if device == "cuda" and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability() >= (9, 0):
-        out.append("grouped_mm")
+    if device == "cuda":
+        out.append("triton")
+        if hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability() >= (9, 0):
+            out.append("grouped_mm")
     return out
 
 
@@ -33,7 +35,7 @@ def cases() -> list:
 
 
 @pytest.mark.parametrize("device, preset, tokens", cases())
-@pytest.mark.parametrize("impl", ["torch", "grouped_mm", "dense"])
+@pytest.mark.parametrize("impl", ["torch", "grouped_mm", "triton", "dense"])
 def bench_grouped_gemm(measure, quick, device, preset, tokens, impl):
     if impl not in backends(device):
         pytest.skip(f"{impl} is not available on {device}")

@@ -46,12 +46,15 @@ def cases() -> list:
 
 @pytest.mark.parametrize("preset, tokens, device", list(cases()))
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("impl", ["fused", "fused_triton", "reference"])
 def bench_layer(measure, quick, preset, tokens, device, mode, impl):
+    if impl == "fused_triton" and device != "cuda":
+        pytest.skip("the Triton backend runs on a GPU")
     tokens = QUICK_TOKENS if quick else tokens
     cfg, layer, x, prev = setup_layer(preset, tokens, device)
     params = reference_params(layer)
-    run = (lambda: layer(x, prev)) if impl == "fused" else (lambda: R.moepp_layer(x, params, cfg, prev))
+    layer.gemm_backend = "triton" if impl == "fused_triton" else "auto"
+    run = (lambda: layer(x, prev)) if impl.startswith("fused") else (lambda: R.moepp_layer(x, params, cfg, prev))
     if mode == "forward":
         def fn():
             with torch.no_grad():

@@ -91,6 +91,8 @@ def _derived(impls: dict) -> dict:
     ms = {k: v["median_ms"] for k, v in impls.items()}
     if "fused" in ms and "reference" in ms:
         out["speedup"] = ms["reference"] / ms["fused"]
+    if "fused_triton" in ms and "reference" in ms:
+        out["speedup_triton"] = ms["reference"] / ms["fused_triton"]
     if "moepp" in ms and "vanilla" in ms:
         moepp = impls["moepp"]
         out["speedup_vs_vanilla"] = ms["vanilla"] / ms["moepp"]
@@ -128,6 +130,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             note = ""
             if impl == "fused" and "speedup" in derived:
                 note = f"speedup {derived['speedup']:.2f}x over reference"
+            elif impl == "fused_triton" and "speedup_triton" in derived:
+                note = f"speedup {derived['speedup_triton']:.2f}x over reference"
             elif impl == "moepp" and "speedup_vs_vanilla" in derived:
                 paper = derived["paper_speedup"]
                 note = (f"{derived['speedup_vs_vanilla']:.2f}x vanilla (ideal {derived['ideal_speedup']:.2f}x, "

@@ -30,6 +30,11 @@ def _gather(x: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: floa
 def _expert_ffn(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, slot_row: Tensor, offsets: Tensor, top_k: int,
                 scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     dev = x.device
+    if backend == "triton":  # gather and SwiGLU fused into GEMM 1
+        from . import triton_ffn
+
+        a, h = triton_ffn.gate_up_swiglu(x, up, row_src, offsets, top_k, scale)
+        return triton_ffn.linear(a, down, offsets), h
     xg = _gather(x, row_src, offsets, top_k, scale)
     h = grouped_gemm.forward(xg, up, offsets, backend)
     a = h.new_empty((h.shape[0], h.shape[1] // 2))
@@ -50,6 +55,16 @@ def _expert_ffn_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h:
                          backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     dev = x.device
     threads, stream = torch.get_num_threads(), stream_handle(dev)
+    grad_x = torch.empty_like(x)
+    if backend == "triton":  # SwiGLU backward in dA's epilogue, gather in dU's prologue
+        from . import triton_ffn
+
+        dh, a = triton_ffn.swiglu_grad_input(grad_y, down, h, offsets)
+        grad_down = triton_ffn.weight_grad(grad_y, a, offsets)
+        grad_up = triton_ffn.weight_grad(dh, x, offsets, row_src, top_k, scale)
+        dxg = triton_ffn.linear_grad_input(dh, up, offsets)
+        _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
+        return grad_x, grad_up, grad_down
     da = grouped_gemm.grad_input(grad_y, down, offsets, backend)
     a = h.new_empty((h.shape[0], h.shape[1] // 2))
     dh = torch.empty_like(h)
@@ -58,7 +73,6 @@ def _expert_ffn_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h:
     xg = _gather(x, row_src, offsets, top_k, scale)
     grad_up = grouped_gemm.grad_weight(dh, xg, offsets, backend)
     dxg = grouped_gemm.grad_input(dh, up, offsets, backend)
-    grad_x = torch.empty_like(x)
     _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
     return grad_x, grad_up, grad_down
 

@@ -9,21 +9,36 @@ Rows past offsets[G] are neither read nor written. Backends:
   "torch"       per-expert matmuls on slices; reads the offsets on the host
                 (one device-to-host sync per call on a GPU).
   "grouped_mm"  torch._grouped_mm (CUDA sm90+, bf16, offsets stay on the device).
-  "auto"        "torch" for now; later backends (CUTLASS, Triton) plug in here.
+  "triton"      Triton kernels (triton_ffn.py; offsets stay on the device); in the
+                FFN the gather and SwiGLU are fused into the GEMMs (expert_ffn.py).
+                On the CPU only under TRITON_INTERPRET=1.
+  "auto"        the measured choice for the device and shape (AUTO_TABLE), else "torch".
 """
 
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "torch", "grouped_mm")
+BACKENDS = ("auto", "torch", "grouped_mm", "triton")
+
+# (GPU name, dtype) -> backend, from committed GPU measurements (bench/results/); empty until a
+# GPU run has compared the backends, so "auto" stays on the torch backend.
+AUTO_TABLE: dict = {}
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"gemm_backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "torch"
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        return AUTO_TABLE.get((name, dtype), "torch")
+    if backend == "triton":
+        try:
+            from . import triton_ffn
+        except ImportError as exc:
+            raise ValueError(f"gemm_backend='triton' needs the triton package ({exc})") from exc
+        if device.type != "cuda" and not triton_ffn.interpreting():
+            raise ValueError("gemm_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
     if backend == "grouped_mm":
         ok = (hasattr(torch, "_grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
               and torch.cuda.get_device_capability(device) >= (9, 0))
@@ -37,6 +52,10 @@ def _bounds(offsets: Tensor) -> list[int]:
 
 
 def forward(a: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        from . import triton_ffn
+
+        return triton_ffn.linear(a, w, offsets)
     if backend == "grouped_mm":
         return torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets[1:])
     out = a.new_empty((a.shape[0], w.shape[1]))
@@ -48,6 +67,10 @@ def forward(a: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
 
 
 def grad_input(dy: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        from . import triton_ffn
+
+        return triton_ffn.linear_grad_input(dy, w, offsets)
     if backend == "grouped_mm":
         return torch._grouped_mm(dy, w, offs=offsets[1:])
     out = dy.new_empty((dy.shape[0], w.shape[2]))
@@ -59,6 +82,10 @@ def grad_input(dy: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
 
 
 def grad_weight(dy: Tensor, a: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        from . import triton_ffn
+
+        return triton_ffn.weight_grad(dy, a, offsets)
     if backend == "grouped_mm":
         return torch._grouped_mm(dy.t(), a, offs=offsets[1:])
     groups = offsets.shape[0] - 1

@@ -1,0 +1,108 @@
+"""The Triton backend: every kernel run under TRITON_INTERPRET=1 against the
+reference (in a subprocess: the interpreter is picked when the kernels are
+decorated), every kernel and tile config compiled ahead of time for sm_90a and
+sm_80 (so lowering errors surface without a GPU), and bf16 on a GPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_norm_close
+
+triton = pytest.importorskip("triton")
+
+from moepp_kernels import MoEPPConfig, MoEPPLayer, triton_ffn  # noqa: E402
+from moepp_kernels import reference as R  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
+
+
+@pytest.mark.skipif(_version(triton.__version__) < (3, 7) and _version(__import__("numpy").__version__) >= (2, 4),
+                    reason="Triton < 3.7's interpreter fails on numpy >= 2.4 (scalar conversion)")
+def test_kernels_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "triton_cases.py"],
+                            cwd=TESTS, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
+
+
+def _variants():
+    """(kernel, its constexprs, an example config) for every kernel variant the backend launches."""
+    mm = triton_ffn.grouped_mm_kernel
+    wgrad = triton_ffn.grouped_wgrad_kernel
+    out = []
+    for epilogue, gather, store_h in ((0, False, False), (1, True, True), (1, True, False), (2, False, False)):
+        out.append((mm, {"GATHER": gather, "TOP_K": 2, "EPILOGUE": epilogue, "STORE_H": store_h,
+                         "PRECISION": "tf32", "SEARCH_STEPS": 5}, epilogue))
+    for gather in (False, True):
+        out.append((wgrad, {"GATHER": gather, "TOP_K": 2, "PRECISION": "tf32"}, 0))
+    return out
+
+
+def _signature(kernel, constexprs, dtype="bf16"):
+    ints = {"N", "K", "groups", "up_offset"} | {n for n in kernel.arg_names if n.startswith("stride")}
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs or name.startswith("BLOCK_"):
+            continue
+        if name in ("offsets_ptr", "tile_cum_ptr", "row_src_ptr"):
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}"
+        elif name == "scale":
+            sig[name] = "fp32"
+        elif name in ints:
+            sig[name] = "i32"
+        else:
+            raise AssertionError(f"unclassified kernel argument {name}")
+    return sig
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm_90a", "sm_80"])
+def test_every_kernel_and_config_compiles_ahead_of_time(arch):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arch_name = {90: "sm90", 80: "sm80"}[arch]
+    configs = [cfg for (a, _), cfg in triton_ffn.CONFIGS.items() if a == arch_name]
+    compiled = 0
+    for kernel, constexprs, epilogue in _variants():
+        for cfg in configs:
+            if epilogue == triton_ffn.EPILOGUE_SWIGLU:
+                cfg = cfg._replace(block_n=min(cfg.block_n, 64))
+            blocks = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k}
+            src = ASTSource(fn=kernel, signature=_signature(kernel, constexprs), constexprs={**constexprs, **blocks})
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            assert k.asm["cubin"], f"{kernel.fn.__name__} {constexprs} {cfg}"
+            compiled += 1
+    assert compiled >= 12
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("name", ["7b", "longcat"])
+def test_layer_bf16_on_the_gpu(name):
+    cfg = {"7b": MoEPPConfig.moepp_7b().with_(hidden_size=256, ffn_size=384),
+           "longcat": MoEPPConfig.longcat(hidden_size=256, ffn_size=128, n_ffn=64, n_identity=32, top_k=6)}[name]
+    torch.manual_seed(0)
+    layer = MoEPPLayer(cfg, has_residual=False, dtype=torch.bfloat16, device="cuda", gemm_backend="triton")
+    x = torch.randn(512, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, _ = layer(x)
+    r = layer.router
+    params = R.MoEPPParams(up=layer.up, down=layer.down, const_gate=layer.const_gate, const_value=layer.const_value,
+                           gate_weight=r.gate_weight, selection_bias=r.selection_bias)
+    ref, _ = R.moepp_layer(x, params, cfg)
+    assert_norm_close(out, ref, torch.bfloat16, "out")
+    ours = torch.autograd.grad(out.float().square().sum(), (x, layer.up, layer.down))
+    theirs = torch.autograd.grad(ref.float().square().sum(), (x, layer.up, layer.down))
+    for n, a, b in zip(("x", "up", "down"), ours, theirs):
+        assert_norm_close(a, b, torch.bfloat16, n)
