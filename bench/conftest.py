@@ -52,6 +52,12 @@ def measure(benchmark):
         benchmark.name = impl
         record = {"device": device}
         if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            record["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - base  # activations + outputs of one call
             record["nvml_before"] = nvml_snapshot()
             timing = gpu_time_ms(fn)
             record["nvml_after"] = nvml_snapshot()
@@ -141,6 +147,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 note = f"{100 * derived['share_of_layer'][impl]:.1f}% of layer"
             elif "efficiency_vs_dense" in derived and impl in derived["efficiency_vs_dense"]:
                 note = f"{derived['efficiency_vs_dense'][impl]:.2f}x dense"
+            if "peak_memory_bytes" in r and case.startswith("layer ") and "backward" in case:
+                note += f" peak {r['peak_memory_bytes'] / 2**20:.0f} MiB"
             if "tflops" in r:
                 note += f" {r['tflops']:.1f} TFLOP/s"
             if "weight_read_ratio" in r:

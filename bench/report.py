@@ -58,8 +58,15 @@ def render(summary: dict) -> str:
     t3 = table3(cases)
     if t3:
         parts += ["Expert forward time, MoE++ vs a vanilla MoE of the same size (the paper's Table 3):", "", *t3, ""]
+    def peak(c: dict, impl: str) -> str:
+        b = c["impls"].get(impl, {}).get("peak_memory_bytes")
+        return "" if b is None else f" (peak {b / 2**20:.0f} MiB)"
+
     layer = simple_rows(cases, "layer ", lambda n, c: (
-        f"- {n}: " + (f"fused {c['impls']['fused']['median_ms']:.3f} ms, {c['speedup']:.2f}x the reference"
+        f"- {n}: " + (f"fused {c['impls']['fused']['median_ms']:.3f} ms{peak(c, 'fused')}, {c['speedup']:.2f}x "
+                      "the reference" + peak(c, "reference")
+                      + (f"; Triton backend {c['speedup_triton']:.2f}x{peak(c, 'fused_triton')}"
+                         if "speedup_triton" in c else "")
                       if "speedup" in c else
                       "router + plan + combine = "
                       f"{100 * c['share_of_layer']['router+plan+combine']:.1f}% of the layer forward")))

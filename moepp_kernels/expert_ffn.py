@@ -7,7 +7,10 @@
 
 Backward saves h only: a is recomputed by the fused SwiGLU backward and xg by
 the gather, so no gathered copy of x outlives the forward. dx reaches tokens
-through a deterministic per-token row sum (no atomics).
+through a deterministic per-token row sum (no atomics). Without autograd
+(inference) a second op keeps no h at all: the Triton backend skips writing it,
+and the torch backend runs each expert's GEMM 1 -> SwiGLU -> GEMM 2 on
+expert-sized temporaries.
 """
 
 from typing import Tuple
@@ -26,10 +29,8 @@ def _gather(x: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: floa
     return xg
 
 
-@torch.library.custom_op("moepp::expert_ffn", mutates_args=())
-def _expert_ffn(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, slot_row: Tensor, offsets: Tensor, top_k: int,
-                scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    dev = x.device
+def _forward_keeping_h(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int,
+                       scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     if backend == "triton":  # gather and SwiGLU fused into GEMM 1
         from . import triton_ffn
 
@@ -38,15 +39,50 @@ def _expert_ffn(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, slot_row: 
     xg = _gather(x, row_src, offsets, top_k, scale)
     h = grouped_gemm.forward(xg, up, offsets, backend)
     a = h.new_empty((h.shape[0], h.shape[1] // 2))
-    _C.swiglu_forward(view(h), view(offsets), view(a), torch.get_num_threads(), stream_handle(dev))
-    y = grouped_gemm.forward(a, down, offsets, backend)
-    return y, h
+    _C.swiglu_forward(view(h), view(offsets), view(a), torch.get_num_threads(), stream_handle(x.device))
+    return grouped_gemm.forward(a, down, offsets, backend), h
+
+
+@torch.library.custom_op("moepp::expert_ffn", mutates_args=())
+def _expert_ffn(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, slot_row: Tensor, offsets: Tensor, top_k: int,
+                scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    return _forward_keeping_h(x, up, down, row_src, offsets, top_k, scale, backend)
 
 
 @_expert_ffn.register_fake
 def _expert_ffn_fake(x, up, down, row_src, slot_row, offsets, top_k, scale, backend):
     rows = row_src.shape[0]
     return x.new_empty((rows, down.shape[1])), x.new_empty((rows, up.shape[1]))
+
+
+@torch.library.custom_op("moepp::expert_ffn_inference", mutates_args=())
+def _expert_ffn_inference(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int,
+                          scale: float, backend: str) -> Tensor:
+    if backend == "triton":
+        from . import triton_ffn
+
+        a, _ = triton_ffn.gate_up_swiglu(x, up, row_src, offsets, top_k, scale, store_h=False)
+        return triton_ffn.linear(a, down, offsets)
+    if backend != "torch":
+        return _forward_keeping_h(x, up, down, row_src, offsets, top_k, scale, backend)[0]
+    threads, stream = torch.get_num_threads(), stream_handle(x.device)
+    xg = _gather(x, row_src, offsets, top_k, scale)
+    y = x.new_empty((row_src.shape[0], down.shape[1]))
+    rows = offsets[1:] - offsets[:-1]  # rows[e:e+1] is a one-expert plan for the SwiGLU kernel
+    bounds = offsets.tolist()
+    for e in range(up.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            h = torch.matmul(xg[lo:hi], up[e].t())
+            a = h.new_empty((hi - lo, h.shape[1] // 2))
+            _C.swiglu_forward(view(h), view(rows[e:e + 1]), view(a), threads, stream)
+            torch.matmul(a, down[e].t(), out=y[lo:hi])
+    return y
+
+
+@_expert_ffn_inference.register_fake
+def _expert_ffn_inference_fake(x, up, down, row_src, offsets, top_k, scale, backend):
+    return x.new_empty((row_src.shape[0], down.shape[1]))
 
 
 @torch.library.custom_op("moepp::expert_ffn_backward", mutates_args=())
@@ -106,4 +142,6 @@ def expert_ffn(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, slot_row: T
     row_src / slot_row / offsets; scale multiplies x (the x*k flag). Callers
     validate (see layer.py); backend is a resolved grouped_gemm backend.
     """
-    return torch.ops.moepp.expert_ffn(x, up, down, row_src, slot_row, offsets, top_k, scale, backend)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or up.requires_grad or down.requires_grad):
+        return torch.ops.moepp.expert_ffn(x, up, down, row_src, slot_row, offsets, top_k, scale, backend)[0]
+    return torch.ops.moepp.expert_ffn_inference(x, up, down, row_src, offsets, top_k, scale, backend)

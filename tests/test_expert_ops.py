@@ -38,6 +38,9 @@ def test_expert_ffn_matches_reference(device, dtype, dims, scale):
     expected = torch.stack([R.ffn_expert(x[t:t + 1] * scale, up[e], down[e])[0]
                             for t, e in zip(src_tokens.tolist(), experts.tolist())])
     assert_norm_close(y[:m], expected, dtype, "y")
+    with torch.no_grad():  # the inference op: no h kept, expert-sized temporaries
+        y_inference = expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, CFG.top_k, scale, "torch")
+    assert_norm_close(y_inference[:m], expected, dtype, "y (inference)")
     grad = torch.randn(m, d, generator=g).to(dtype).to(device)
     ours = torch.autograd.grad((y[:m].float() * grad.float()).sum(), (x, up, down))
     ref = torch.autograd.grad((expected.float() * grad.float()).sum(), (x, up, down))
