@@ -94,6 +94,7 @@ PYBIND11_MODULE(_C, m) {
 
   namespace moe = moepp::moe;
   m.attr("MAX_TOP_K_COMBINE") = moe::kMaxSlots;
+  m.attr("MAX_PLAN_EXPERTS") = moe::kMaxPlanExperts;
   m.def("plan_workspace_ints", &moe::plan_workspace_ints);
   m.def(
       "build_plan",

@@ -50,8 +50,8 @@ def build_plan(topk_ids: Tensor, n_ffn: int) -> PermutationPlan:
     """Plan for topk_ids [T, k] (int32) with experts [0, n_ffn) being FFN experts.
     Ids outside [0, n_ffn) (zero-computation experts) get no row."""
     check_tensor("topk_ids", topk_ids, dtypes=(torch.int32,), shape=(None, None))
-    if not isinstance(n_ffn, int) or n_ffn < 0:
-        raise ValueError(f"n_ffn must be an int >= 0, got {n_ffn!r}")
+    if not isinstance(n_ffn, int) or not 0 <= n_ffn <= _C.MAX_PLAN_EXPERTS:
+        raise ValueError(f"n_ffn must be an int in [0, {_C.MAX_PLAN_EXPERTS}], got {n_ffn!r}")
     if topk_ids.numel() >= 2**31:
         raise ValueError(f"topk_ids: tokens * top_k must be < 2**31, got {topk_ids.numel()}")
     check_backend(topk_ids.device)

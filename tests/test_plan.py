@@ -79,3 +79,5 @@ def test_bad_input():
         build_plan(torch.zeros(2, 4, dtype=torch.int32).t(), 4)
     with pytest.raises(ValueError, match="n_ffn"):
         build_plan(torch.zeros(4, 2, dtype=torch.int32), -1)
+    with pytest.raises(ValueError, match="n_ffn"):
+        build_plan(torch.zeros(4, 2, dtype=torch.int32), 1025)

@@ -34,12 +34,28 @@ class DeviceGuard {
 
 inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
+// The most dynamic shared memory a block may opt into on the current device.
+inline size_t max_shared_memory() {
+  int device = 0, bytes = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return static_cast<size_t>(bytes);
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory (throws when the device has
+// less). The opt-in is raised to the device maximum, never lowered, so threads
+// launching the same kernel with different sizes cannot undo each other's.
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  if (bytes <= 48 * 1024) return;
+  const size_t limit = max_shared_memory();
+  if (bytes > limit) {
+    throw std::runtime_error("kernel needs " + std::to_string(bytes) + " bytes of shared memory; the device allows " +
+                             std::to_string(limit));
   }
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)),
+        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
 }
 
 }  // namespace moepp::cuda

@@ -28,7 +28,9 @@ void plan_cpu(const PlanArgs& a) {
 void build_plan(const TensorView& ids, int n_ffn, const TensorView& offsets, const TensorView& row_src,
                 const TensorView& slot_row, const TensorView* workspace, uintptr_t stream) {
   if (ids.ndim != 2) throw_invalid("topk_ids", "expected shape [tokens, top_k]");
-  if (n_ffn < 0) throw_invalid("n_ffn", "must be >= 0");
+  if (n_ffn < 0 || n_ffn > kMaxPlanExperts) {
+    throw_invalid("n_ffn", "must be in [0, " + std::to_string(kMaxPlanExperts) + "], got " + std::to_string(n_ffn));
+  }
   const int64_t slots = ids.shape[0] * ids.shape[1];
   if (slots >= (int64_t(1) << 31)) throw_invalid("topk_ids", "tokens * top_k must be < 2**31");
   const DeviceType dev = ids.device;

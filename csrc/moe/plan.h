@@ -9,6 +9,9 @@
 
 namespace moepp::moe {
 
+// The CUDA plan keeps per-expert counters in shared memory; 1024 is also the router's limit.
+constexpr int kMaxPlanExperts = 1024;
+
 struct PlanArgs {
   int64_t slots = 0;            // T * k, slot s = t * k + j
   int32_t n_ffn = 0;            // experts [0, n_ffn) are FFN experts

@@ -14,7 +14,7 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kMaxBlocks = 4096;
 constexpr int kElementsPerLane = 4;
-constexpr size_t kMaxStagedG = 128 * 129 * sizeof(double);  // N <= 128 in fp32 and fp64
+constexpr size_t kMaxStagedG = 128 * 129 * sizeof(double);  // fp64 up to N = 128 (fp32 up to N = 181)
 
 template <int LANES>
 struct WarpGroup {
@@ -76,9 +76,12 @@ int64_t blocks_for(int64_t tokens, int lanes) {
   return std::min<int64_t>((tokens + groups - 1) / groups, kMaxBlocks);
 }
 
+// G is staged in shared memory when it is small and the device has room for it
+// next to the scratch (`scratch_bytes`); otherwise it is read through L1/L2.
 template <typename T>
-bool stage_g(const T* G, int n) {
-  return G != nullptr && sizeof(T) * n * (n + 1) <= kMaxStagedG;
+bool stage_g(const T* G, int n, size_t scratch_bytes) {
+  const size_t g_bytes = sizeof(T) * n * (n + 1);
+  return G != nullptr && g_bytes <= kMaxStagedG && g_bytes + scratch_bytes <= cuda::max_shared_memory();
 }
 
 // Copies G [n, n] into shared memory with row stride n + 1 (fewer bank conflicts).
@@ -205,12 +208,12 @@ void forward_cuda(const RouterOptions& opt, const ForwardArgs<T>& args, int devi
   cuda::DeviceGuard guard(device);
   const int n = opt.num_experts;
   const int lanes = lanes_for(n);
-  const bool staged = stage_g(args.G, n);
   with_lanes(lanes, [&](auto lanes_c) {
     constexpr int L = decltype(lanes_c)::value;
     constexpr int groups = kThreads / L;
-    const size_t scalars = (staged ? size_t(n) * (n + 1) : 0) + size_t(groups) * n * (args.prob_partials ? 3 : 2);
-    const size_t bytes = scalars * sizeof(T) + sizeof(int32_t) * n;
+    const size_t scratch = sizeof(T) * groups * n * (args.prob_partials ? 3 : 2) + sizeof(int32_t) * n;
+    const bool staged = stage_g(args.G, n, scratch);
+    const size_t bytes = scratch + (staged ? sizeof(T) * n * (n + 1) : 0);
     auto kernel = forward_kernel<L, T>;
     cuda::allow_shared_memory(kernel, bytes);
     kernel<<<blocks_for(args.tokens, L), kThreads, bytes, cuda::as_stream(stream)>>>(opt, args, staged);
@@ -224,11 +227,12 @@ void backward_cuda(const RouterOptions& opt, const BackwardArgs<T>& args, int de
   cuda::DeviceGuard guard(device);
   const int n = opt.num_experts;
   const int lanes = lanes_for(n);
-  const bool staged = stage_g(args.G, n);
   with_lanes(lanes, [&](auto lanes_c) {
     constexpr int L = decltype(lanes_c)::value;
     constexpr int groups = kThreads / L;
-    const size_t bytes = ((staged ? size_t(n) * (n + 1) : 0) + size_t(groups) * n * 2) * sizeof(T);
+    const size_t scratch = sizeof(T) * groups * n * 2;
+    const bool staged = stage_g(args.G, n, scratch);
+    const size_t bytes = scratch + (staged ? sizeof(T) * n * (n + 1) : 0);
     auto kernel = backward_kernel<L, T>;
     cuda::allow_shared_memory(kernel, bytes);
     kernel<<<blocks_for(args.tokens, L), kThreads, bytes, cuda::as_stream(stream)>>>(opt, args, staged);
