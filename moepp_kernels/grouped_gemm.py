@@ -39,6 +39,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             raise ValueError(f"gemm_backend='triton' needs the triton package ({exc})") from exc
         if device.type != "cuda" and not triton_ffn.interpreting():
             raise ValueError("gemm_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+        if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError("gemm_backend='triton' runs bfloat16 or float16 on the GPU; use 'torch' for float32")
     if backend == "grouped_mm":
         ok = (hasattr(torch, "_grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
               and torch.cuda.get_device_capability(device) >= (9, 0))

@@ -10,10 +10,11 @@ expert-sorted rows, with
   * per-expert weight gradients dW_e = dY_eᵀ · X_e as a reduction over the
     expert's rows (the gather fused again for dU).
 
-Group sizes are read on the device: a program's M tile finds its expert by a
-binary search over the per-expert tile counts (a cumulative sum computed on the
-device), so nothing waits for the host. Programs run M tiles fastest within an
-N tile, so consecutive programs share the expert's weight tile in L2.
+Group sizes are read on the device: a program's M tile finds its expert by
+counting, in one vector load, the experts whose cumulative tile count ends at or
+before it (the counts are a cumulative sum computed on the device), so nothing
+waits for the host. Programs are ordered in groups of GROUP_M M tiles sweeping
+the N tiles, so a group's rows and the expert's weights both stay in L2.
 
 Tile configurations come from CONFIGS, keyed by architecture and a shape bucket
 (average rows per expert); bench/tune_triton.py measures candidates on a GPU and
@@ -22,6 +23,7 @@ prints a table to paste here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import NamedTuple
@@ -43,15 +45,23 @@ class TileConfig(NamedTuple):
 
 
 # (arch, bucket) -> config; bucket "small" when the average rows per expert is <= 64 (decode).
+# Starting points, not yet measured: bench/tune_triton.py on a GPU replaces them.
 CONFIGS = {
-    ("sm90", "small"): TileConfig(32, 128, 64, 4, 4),
+    ("sm90", "small"): TileConfig(64, 128, 64, 4, 4),  # BLOCK_M >= 64 keeps Hopper's wgmma
     ("sm90", "large"): TileConfig(128, 128, 64, 8, 3),
     ("sm80", "small"): TileConfig(32, 128, 32, 4, 4),
     ("sm80", "large"): TileConfig(128, 128, 32, 8, 3),
     ("default", "small"): TileConfig(32, 64, 32, 4, 2),
     ("default", "large"): TileConfig(64, 64, 32, 4, 2),
 }
+# Weight gradients: BLOCK_M is the reduction depth (rows), BLOCK_N x BLOCK_K the output tile.
+WGRAD_CONFIGS = {
+    "sm90": TileConfig(64, 128, 128, 8, 3),
+    "sm80": TileConfig(32, 128, 128, 8, 3),
+    "default": TileConfig(32, 64, 64, 4, 2),
+}
 INTERPRETER_CONFIG = TileConfig(16, 16, 16, 1, 1)  # TRITON_INTERPRET=1 (CPU): small and quick
+GROUP_M = 8
 
 
 def interpreting() -> bool:
@@ -59,10 +69,10 @@ def interpreting() -> bool:
 
 
 def arch_of(device: torch.device) -> str:
+    """sm90 (H100/H200), sm80 (A100: 163 KB of shared memory; sm_86/89 have less), else default."""
     if device.type != "cuda":
         return "default"
-    major, minor = torch.cuda.get_device_capability(device)
-    return {9: "sm90", 8: "sm80"}.get(major, "default")
+    return {(9, 0): "sm90", (8, 0): "sm80"}.get(torch.cuda.get_device_capability(device), "default")
 
 
 def pick_config(device: torch.device, rows: int, groups: int, epilogue: int = EPILOGUE_NONE) -> TileConfig:
@@ -70,31 +80,31 @@ def pick_config(device: torch.device, rows: int, groups: int, epilogue: int = EP
         return INTERPRETER_CONFIG
     bucket = "small" if rows <= 64 * max(groups, 1) else "large"
     cfg = CONFIGS[(arch_of(device), bucket)]
-    if epilogue == EPILOGUE_SWIGLU and cfg.block_n > 64:
-        cfg = cfg._replace(block_n=64)  # two accumulators
+    if epilogue != EPILOGUE_NONE and cfg.block_n > 64:
+        cfg = cfg._replace(block_n=64)  # two accumulators (SwiGLU) or five live tiles (its backward)
     return cfg
 
 
+def pick_wgrad_config(device: torch.device) -> TileConfig:
+    return INTERPRETER_CONFIG if interpreting() else WGRAD_CONFIGS[arch_of(device)]
+
+
 @triton.jit
-def _expert_of_tile(tile_cum_ptr, pid_m, groups, SEARCH_STEPS: tl.constexpr):
-    """The expert e with tile_cum[e] <= pid_m < tile_cum[e + 1] (binary search)."""
-    lo = pid_m * 0
-    hi = lo + groups
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi) // 2
-        right = tl.load(tile_cum_ptr + mid) <= pid_m
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    return lo
+def _expert_of_tile(tile_cum_ptr, pid_m, groups, GROUPS_P2: tl.constexpr):
+    """The expert e with tile_cum[e] <= pid_m < tile_cum[e + 1]: the number of
+    experts whose tiles all come before pid_m."""
+    e = tl.arange(0, GROUPS_P2)
+    ends = tl.load(tile_cum_ptr + 1 + e, mask=e < groups, other=2147483647)
+    return tl.sum((ends <= pid_m).to(tl.int32), axis=0)
 
 
 @triton.jit
 def grouped_mm_kernel(
     a_ptr, b_ptr, c_ptr, offsets_ptr, tile_cum_ptr, row_src_ptr, h_ptr, act_ptr,
-    N, K, groups, scale,
+    N, K, groups, num_pid_m, scale,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_hm, stride_actm, up_offset,
     GATHER: tl.constexpr, TOP_K: tl.constexpr, EPILOGUE: tl.constexpr, STORE_H: tl.constexpr,
-    PRECISION: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    PRECISION: tl.constexpr, GROUPS_P2: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[r, n] = sum_k A[src(r), k] * B_e[k, n] over expert e's rows r, with B_e
@@ -103,11 +113,16 @@ def grouped_mm_kernel(
     columns); C gets a = silu(gate) * up, h gets [gate | up] when STORE_H.
     EPILOGUE_SWIGLU_BWD: the accumulator is da; with h it writes dh = [dgate |
     dup] to C and the recomputed a to act."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     if pid_m >= tl.load(tile_cum_ptr + groups):
         return
-    e = _expert_of_tile(tile_cum_ptr, pid_m, groups, SEARCH_STEPS)
+    e = _expert_of_tile(tile_cum_ptr, pid_m, groups, GROUPS_P2)
     row_begin = tl.load(offsets_ptr + e) + (pid_m - tl.load(tile_cum_ptr + e)) * BLOCK_M
     row_end = tl.load(offsets_ptr + e + 1)
     rows = row_begin + tl.arange(0, BLOCK_M)
@@ -207,8 +222,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _search_steps(groups: int) -> int:
-    return max(1, math.ceil(math.log2(max(groups, 1))) + 1)
+def _pow2(groups: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(groups, 1))))
 
 
 def _tiles(offsets: Tensor, block_m: int) -> Tensor:
@@ -227,19 +242,21 @@ def _launch_mm(a: Tensor, b: Tensor, c: Tensor, offsets: Tensor, n: int, k: int,
         return
     cfg = pick_config(a.device, rows, groups, epilogue)
     tile_cum = _tiles(offsets, cfg.block_m)
-    grid = (triton.cdiv(rows, cfg.block_m) + groups, triton.cdiv(n, cfg.block_n))
+    num_pid_m = triton.cdiv(rows, cfg.block_m) + groups  # each expert adds at most one partial tile
+    grid = (num_pid_m * triton.cdiv(n, cfg.block_n),)
     dummy = c
-    grouped_mm_kernel[grid](
-        a, b, c, offsets, tile_cum, row_src if row_src is not None else offsets,
-        h if h is not None else dummy, act if act is not None else dummy,
-        n, k, groups, scale,
-        a.stride(0), a.stride(1), b_strides[0], b_strides[1], b_strides[2], c.stride(0),
-        h.stride(0) if h is not None else 0, act.stride(0) if act is not None else 0, up_offset,
-        GATHER=row_src is not None, TOP_K=top_k, EPILOGUE=epilogue, STORE_H=store_h,
-        PRECISION=_precision(a.dtype), SEARCH_STEPS=_search_steps(groups),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+        grouped_mm_kernel[grid](
+            a, b, c, offsets, tile_cum, row_src if row_src is not None else offsets,
+            h if h is not None else dummy, act if act is not None else dummy,
+            n, k, groups, num_pid_m, scale,
+            a.stride(0), a.stride(1), b_strides[0], b_strides[1], b_strides[2], c.stride(0),
+            h.stride(0) if h is not None else 0, act.stride(0) if act is not None else 0, up_offset,
+            GATHER=row_src is not None, TOP_K=top_k, EPILOGUE=epilogue, STORE_H=store_h,
+            PRECISION=_precision(a.dtype), GROUPS_P2=_pow2(groups), GROUP_M=GROUP_M,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
 
 def gate_up_swiglu(x: Tensor, up: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
@@ -288,13 +305,14 @@ def weight_grad(dy: Tensor, x: Tensor, offsets: Tensor, row_src: Tensor | None =
     dw = dy.new_empty((groups, n, k))
     if groups == 0 or n == 0 or k == 0:
         return dw
-    cfg = pick_config(dy.device, dy.shape[0], groups)
+    cfg = pick_wgrad_config(dy.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k), groups)
-    grouped_wgrad_kernel[grid](
-        dy, x, dw, offsets, row_src if row_src is not None else offsets, n, k, scale,
-        dy.stride(0), x.stride(0), dw.stride(0), dw.stride(1),
-        GATHER=row_src is not None, TOP_K=top_k, PRECISION=_precision(dy.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with torch.cuda.device(dy.device) if dy.is_cuda else contextlib.nullcontext():
+        grouped_wgrad_kernel[grid](
+            dy, x, dw, offsets, row_src if row_src is not None else offsets, n, k, scale,
+            dy.stride(0), x.stride(0), dw.stride(0), dw.stride(1),
+            GATHER=row_src is not None, TOP_K=top_k, PRECISION=_precision(dy.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return dw
