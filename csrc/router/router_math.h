@@ -98,8 +98,10 @@ struct SoftmaxStats {
 
 // `val` holds the routed logits l' of the token. Normalisation is skipped when
 // std is 0, not finite (any non-finite logit), N == 1, or sigma/std overflows.
+// When `exps` is given, exp(z_j - max_z) is kept there for the owned j (rows
+// with a finite maximum), so p_j = exps[j] / sum_exp costs no second exp.
 template <class Group, typename T>
-MOEPP_HD SoftmaxStats<T> softmax_stats(const Group& g, const RouterOptions& opt, const T* val) {
+MOEPP_HD SoftmaxStats<T> softmax_stats(const Group& g, const RouterOptions& opt, const T* val, T* exps = nullptr) {
   const int n = opt.num_experts;
   SoftmaxStats<T> st{};
   st.scale = T(1);
@@ -130,7 +132,9 @@ MOEPP_HD SoftmaxStats<T> softmax_stats(const Group& g, const RouterOptions& opt,
     if (st.max_z == pos_inf<T>()) {
       acc += zj == pos_inf<T>() ? T(1) : T(0);
     } else if (st.max_z != neg_inf<T>()) {
-      acc += std::exp(zj - st.max_z);
+      const T e = std::exp(zj - st.max_z);
+      if (exps != nullptr) exps[j] = e;
+      acc += e;
     }
   }
   acc = g.sum(acc);
@@ -203,9 +207,9 @@ MOEPP_HD void route_token(const Group& g, const RouterOptions& opt, const T* log
     if (logits_out != nullptr) logits_out[j] = v;
   }
   g.sync();
-  const SoftmaxStats<T> st = softmax_stats(g, opt, val);
+  const SoftmaxStats<T> st = softmax_stats(g, opt, val, sel);
   for (int j = g.rank(); j < n; j += Group::kSize) {
-    const T pj = st.prob(val[j]);
+    const T pj = st.finite_softmax() ? sel[j] / st.sum_exp : st.prob(val[j]);  // sel[j] = exp(z_j - max)
     if (prob_acc != nullptr) prob_acc[j] += pj;
     T score = opt.gating == Gating::kSoftmaxTopK ? pj : st.z(val[j]);
     if (bias != nullptr) score += bias[j];
