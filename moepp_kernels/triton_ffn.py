@@ -99,6 +99,19 @@ def _expert_of_tile(tile_cum_ptr, pid_m, groups, GROUPS_P2: tl.constexpr):
 
 
 @triton.jit
+def _row_block(row_src_ptr, row_begin, row_end, GATHER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows [row_begin, row_begin + BLOCK_M) of the plan, which of them are the
+    expert's, and the row of A each reads: x's token (row_src // k) when gathering."""
+    rows = row_begin + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    if GATHER:
+        src = tl.load(row_src_ptr + rows, mask=row_ok, other=0) // TOP_K
+    else:
+        src = rows
+    return rows, row_ok, src
+
+
+@triton.jit
 def grouped_mm_kernel(
     a_ptr, b_ptr, c_ptr, offsets_ptr, tile_cum_ptr, row_src_ptr, h_ptr, act_ptr,
     N, K, groups, num_pid_m, scale,
@@ -125,12 +138,7 @@ def grouped_mm_kernel(
     e = _expert_of_tile(tile_cum_ptr, pid_m, groups, GROUPS_P2)
     row_begin = tl.load(offsets_ptr + e) + (pid_m - tl.load(tile_cum_ptr + e)) * BLOCK_M
     row_end = tl.load(offsets_ptr + e + 1)
-    rows = row_begin + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    if GATHER:
-        src = tl.load(row_src_ptr + rows, mask=row_ok, other=0) // TOP_K
-    else:
-        src = rows
+    rows, row_ok, src = _row_block(row_src_ptr, row_begin, row_end, GATHER, TOP_K, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -201,12 +209,7 @@ def grouped_wgrad_kernel(
     k_ok = ks < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(row_begin, row_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        if GATHER:
-            src = tl.load(row_src_ptr + rows, mask=row_ok, other=0) // TOP_K
-        else:
-            src = rows
+        rows, row_ok, src = _row_block(row_src_ptr, r0, row_end, GATHER, TOP_K, BLOCK_M)
         dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + ns[None, :],
                      mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + ks[None, :],

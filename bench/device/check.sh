@@ -5,7 +5,8 @@
 # --no-build-isolation --no-deps; wheels carried in .whl/ are installed first),
 # runs the test suite (CUDA tests included), then the GPU benchmarks. Logs,
 # nvidia-smi output and JSON land in OUT_DIR. MOEPP_CHECK_STEPS picks steps
-# (default "build test bench"; a first try on a new machine: "build test").
+# (default "build test bench"; a first try on a new machine: "build test";
+# add "tune" to measure the Triton tile configs, a few minutes more).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT_DIR=${1:-${OUT:-$ROOT/bench/out/device}}
@@ -50,8 +51,18 @@ if [[ $STEPS == *bench* ]]; then
   python3 -m pytest "$ROOT/bench" -q -p no:cacheprovider -o python_files='bench_*.py' -o python_functions='bench_*' \
     -k cuda --benchmark-enable --benchmark-json="$OUT_DIR/benchmark.json" --moepp-summary="$OUT_DIR/summary.json" \
     || failed+=" bench"
-  step "report"
-  python3 "$ROOT/bench/report.py" "$OUT_DIR" || failed+=" report"
+  if [[ -f $OUT_DIR/summary.json ]]; then
+    step "report"
+    python3 "$ROOT/bench/report.py" "$OUT_DIR" || failed+=" report"
+  else
+    step "no benchmark results (no GPU visible?)"
+    failed+=" bench"
+  fi
+fi
+
+if [[ $STEPS == *tune* ]]; then
+  step "Triton tile configs"
+  python3 "$ROOT/bench/tune_triton.py" > "$OUT_DIR/triton_configs.txt" || failed+=" tune"
 fi
 
 step "done${failed:+ (failed:$failed)}"
