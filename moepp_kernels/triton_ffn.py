@@ -10,11 +10,12 @@ expert-sorted rows, with
   * per-expert weight gradients dW_e = dY_eᵀ · X_e as a reduction over the
     expert's rows (the gather fused again for dU).
 
-Group sizes are read on the device: a program's M tile finds its expert by
-counting, in one vector load, the experts whose cumulative tile count ends at or
-before it (the counts are a cumulative sum computed on the device), so nothing
-waits for the host. Programs are ordered in groups of GROUP_M M tiles sweeping
-the N tiles, so a group's rows and the expert's weights both stay in L2.
+Group sizes are read on the device: each program loads the plan's offsets in
+one vector, turns them into per-expert tile counts and their running sum in
+registers, and finds its expert by counting the experts whose tiles end at or
+before its own; nothing waits for the host and no helper kernel runs. Programs
+are ordered in groups of GROUP_M M tiles sweeping the N tiles, so a group's rows
+and the expert's weights both stay in L2.
 
 Tile configurations come from CONFIGS, keyed by architecture and a shape bucket
 (average rows per expert); bench/tune_triton.py measures candidates on a GPU and
@@ -90,12 +91,20 @@ def pick_wgrad_config(device: torch.device) -> TileConfig:
 
 
 @triton.jit
-def _expert_of_tile(tile_cum_ptr, pid_m, groups, GROUPS_P2: tl.constexpr):
-    """The expert e with tile_cum[e] <= pid_m < tile_cum[e + 1]: the number of
-    experts whose tiles all come before pid_m."""
-    e = tl.arange(0, GROUPS_P2)
-    ends = tl.load(tile_cum_ptr + 1 + e, mask=e < groups, other=2147483647)
-    return tl.sum((ends <= pid_m).to(tl.int32), axis=0)
+def _locate_tile(offsets_ptr, pid_m, groups, BLOCK_M: tl.constexpr, GROUPS_P2: tl.constexpr):
+    """(total M tiles, first row, end row) of M tile pid_m: expert e owns tiles
+    [sum of earlier experts' cdiv(rows, BLOCK_M), + its own)."""
+    idx = tl.arange(0, GROUPS_P2)
+    ok = idx < groups
+    lo = tl.load(offsets_ptr + idx, mask=ok, other=0)
+    hi = tl.load(offsets_ptr + idx + 1, mask=ok, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, axis=0)
+    e = tl.sum((ends <= pid_m).to(tl.int32), axis=0)
+    mine = idx == e
+    first_tile = tl.sum(tl.where(mine, ends - tiles, 0), axis=0)
+    row_begin = tl.sum(tl.where(mine, lo, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+    return tl.sum(tiles, axis=0), row_begin, tl.sum(tl.where(mine, hi, 0), axis=0), e
 
 
 @triton.jit
@@ -113,7 +122,7 @@ def _row_block(row_src_ptr, row_begin, row_end, GATHER: tl.constexpr, TOP_K: tl.
 
 @triton.jit
 def grouped_mm_kernel(
-    a_ptr, b_ptr, c_ptr, offsets_ptr, tile_cum_ptr, row_src_ptr, h_ptr, act_ptr,
+    a_ptr, b_ptr, c_ptr, offsets_ptr, row_src_ptr, h_ptr, act_ptr,
     N, K, groups, num_pid_m, scale,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_hm, stride_actm, up_offset,
     GATHER: tl.constexpr, TOP_K: tl.constexpr, EPILOGUE: tl.constexpr, STORE_H: tl.constexpr,
@@ -133,11 +142,9 @@ def grouped_mm_kernel(
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    if pid_m >= tl.load(tile_cum_ptr + groups):
+    total_tiles, row_begin, row_end, e = _locate_tile(offsets_ptr, pid_m, groups, BLOCK_M, GROUPS_P2)
+    if pid_m >= total_tiles:
         return
-    e = _expert_of_tile(tile_cum_ptr, pid_m, groups, GROUPS_P2)
-    row_begin = tl.load(offsets_ptr + e) + (pid_m - tl.load(tile_cum_ptr + e)) * BLOCK_M
-    row_end = tl.load(offsets_ptr + e + 1)
     rows, row_ok, src = _row_block(row_src_ptr, row_begin, row_end, GATHER, TOP_K, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -229,13 +236,6 @@ def _pow2(groups: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(groups, 1))))
 
 
-def _tiles(offsets: Tensor, block_m: int) -> Tensor:
-    """Cumulative M tiles per expert [G + 1], on the device (no host sync)."""
-    counts = offsets[1:] - offsets[:-1]
-    tiles = torch.div(counts + block_m - 1, block_m, rounding_mode="floor")
-    return torch.cat([offsets.new_zeros(1), torch.cumsum(tiles, 0, dtype=torch.int32)])
-
-
 def _launch_mm(a: Tensor, b: Tensor, c: Tensor, offsets: Tensor, n: int, k: int, b_strides: tuple, *,
                row_src: Tensor | None = None, top_k: int = 1, scale: float = 1.0, epilogue: int = EPILOGUE_NONE,
                h: Tensor | None = None, act: Tensor | None = None, store_h: bool = False, up_offset: int = 0) -> None:
@@ -244,13 +244,12 @@ def _launch_mm(a: Tensor, b: Tensor, c: Tensor, offsets: Tensor, n: int, k: int,
     if rows == 0 or groups == 0 or n == 0:
         return
     cfg = pick_config(a.device, rows, groups, epilogue)
-    tile_cum = _tiles(offsets, cfg.block_m)
     num_pid_m = triton.cdiv(rows, cfg.block_m) + groups  # each expert adds at most one partial tile
     grid = (num_pid_m * triton.cdiv(n, cfg.block_n),)
     dummy = c
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
         grouped_mm_kernel[grid](
-            a, b, c, offsets, tile_cum, row_src if row_src is not None else offsets,
+            a, b, c, offsets, row_src if row_src is not None else offsets,
             h if h is not None else dummy, act if act is not None else dummy,
             n, k, groups, num_pid_m, scale,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], b_strides[2], c.stride(0),

@@ -53,7 +53,7 @@ def _signature(kernel, constexprs, dtype="bf16"):
     for name in kernel.arg_names:
         if name in constexprs or name.startswith("BLOCK_"):
             continue
-        if name in ("offsets_ptr", "tile_cum_ptr", "row_src_ptr"):
+        if name in ("offsets_ptr", "row_src_ptr"):
             sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = f"*{dtype}"
