@@ -109,3 +109,28 @@ def test_layer_bf16_on_the_gpu(name, tokens):
     theirs = torch.autograd.grad(ref.float().square().sum(), (x, layer.up, layer.down))
     for n, a, b in zip(("x", "up", "down"), ours, theirs):
         assert_norm_close(a, b, torch.bfloat16, n)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
+def test_layer_forward_is_cuda_graph_capturable():
+    """With the Triton backend nothing in the layer waits for the host: a CUDA graph
+    captures the forward and replays it to the eager result."""
+    cfg = MoEPPConfig.moepp_7b().with_(hidden_size=256, ffn_size=384)
+    torch.manual_seed(0)
+    layer = MoEPPLayer(cfg, has_residual=True, dtype=torch.bfloat16, device="cuda", gemm_backend="triton")
+    x = torch.randn(1024, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    prev = torch.randn(1024, cfg.n_experts, device="cuda")
+    with torch.no_grad():
+        eager, _ = layer(x, prev)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x, prev)  # warm-up: compile the Triton kernels outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured, _ = layer(x, prev)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
