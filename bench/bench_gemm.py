@@ -22,8 +22,8 @@ def backends(device: str) -> list:
     out = ["torch", "dense"]
     if device == "cuda":
         out.append("triton")
-        if hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability() >= (9, 0):
-            out.append("grouped_mm")
+    if hasattr(torch, "_grouped_mm") and (device == "cpu" or torch.cuda.get_device_capability() >= (9, 0)):
+        out.append("grouped_mm")
     return out
 
 

@@ -8,7 +8,8 @@ rows of a permutation plan (expert e owns rows [offsets[e], offsets[e+1])):
 Rows past offsets[G] are neither read nor written. Backends:
   "torch"       per-expert matmuls on slices; reads the offsets on the host
                 (one device-to-host sync per call on a GPU).
-  "grouped_mm"  torch._grouped_mm (CUDA sm90+, bf16, offsets stay on the device).
+  "grouped_mm"  torch._grouped_mm (CUDA sm90+ in bf16, offsets stay on the device;
+                also torch's CPU implementation, where the installed torch has one).
   "triton"      Triton kernels (triton_ffn.py; offsets stay on the device); in the
                 FFN the gather and SwiGLU are fused into the GEMMs (expert_ffn.py).
                 On the CPU only under TRITON_INTERPRET=1.
@@ -26,12 +27,16 @@ BACKENDS = ("auto", "torch", "grouped_mm", "triton")
 AUTO_TABLE: dict = {}
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims: tuple = ()) -> str:
+    """The backend to run for `backend` on `device` / `dtype`; `dims` are the
+    GEMMs' row lengths (D, I), which grouped_mm needs 16-byte aligned."""
     if backend not in BACKENDS:
         raise ValueError(f"gemm_backend must be one of {BACKENDS}, got {backend!r}")
+    aligned = all(d * torch.empty((), dtype=dtype).element_size() % 16 == 0 for d in dims)
     if backend == "auto":
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        return AUTO_TABLE.get((name, dtype), "torch")
+        chosen = AUTO_TABLE.get((name, dtype), "torch")
+        return chosen if chosen != "grouped_mm" or aligned else "torch"
     if backend == "triton":
         try:
             from . import triton_ffn
@@ -42,10 +47,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
             raise ValueError("gemm_backend='triton' runs bfloat16 or float16 on the GPU; use 'torch' for float32")
     if backend == "grouped_mm":
-        ok = (hasattr(torch, "_grouped_mm") and device.type == "cuda" and dtype == torch.bfloat16
-              and torch.cuda.get_device_capability(device) >= (9, 0))
-        if not ok:
-            raise ValueError("gemm_backend='grouped_mm' needs torch._grouped_mm, a CUDA sm90+ device and bfloat16")
+        on_gpu_ok = (device.type == "cuda" and dtype == torch.bfloat16
+                     and torch.cuda.get_device_capability(device) >= (9, 0))
+        if not hasattr(torch, "_grouped_mm") or not (device.type == "cpu" or on_gpu_ok):
+            raise ValueError("gemm_backend='grouped_mm' needs torch._grouped_mm, and on a GPU sm90+ with bfloat16")
+        if not aligned:
+            raise ValueError(f"gemm_backend='grouped_mm' needs hidden_size and ffn_size whose rows are multiples of "
+                             f"16 bytes, got {dims} in {dtype}")
     return backend
 
 

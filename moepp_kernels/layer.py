@@ -90,7 +90,7 @@ def moepp_layer(x: Tensor, config: MoEPPConfig, *, up: Tensor, down: Tensor, con
         check_tensor("gate_w2", gate_w2, dtypes=(torch.float32,), shape=(n, 8 * n), device=x.device)
     if prev_logits is not None and residual_weight is None:
         raise ValueError("prev_logits was given but residual_weight is None")
-    backend = grouped_gemm.resolve_backend(gemm_backend, x.device, x.dtype)
+    backend = grouped_gemm.resolve_backend(gemm_backend, x.device, x.dtype, (config.hidden_size, config.ffn_size))
     scale = float(config.top_k) if config.scale_input_by_topk else 1.0
 
     x2 = x.reshape(-1, d)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import DEVICES, assert_norm_close
 
-from moepp_kernels import MoEPPConfig, build_plan, combine, expert_ffn
+from moepp_kernels import MoEPPConfig, build_plan, combine, expert_ffn, grouped_gemm
 from moepp_kernels import reference as R
 
 CFG = MoEPPConfig(hidden_size=40, ffn_size=24, n_ffn=5, n_constant=2, n_copy=1, n_zero=1, top_k=3)
@@ -18,11 +18,22 @@ def routing(tokens, cfg, device, seed=0):
     return ids.to(torch.int32).to(device), weights.to(device)
 
 
+def grouped_gemm_backend_ok(backend: str, device: str, dtype: torch.dtype, dims: tuple) -> bool:
+    try:
+        grouped_gemm.resolve_backend(backend, torch.device(device), dtype, dims)
+        return True
+    except ValueError:
+        return False
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dims", [(40, 24), (13, 7)], ids=["aligned", "odd"])  # D, I not multiples of 8
 @pytest.mark.parametrize("scale", [1.0, 3.0])
-def test_expert_ffn_matches_reference(device, dtype, dims, scale):
+@pytest.mark.parametrize("backend", ["torch", "grouped_mm"])
+def test_expert_ffn_matches_reference(device, dtype, dims, scale, backend):
+    if not grouped_gemm_backend_ok(backend, device, dtype, dims):
+        pytest.skip(f"{backend} is not available for {dtype} {dims} on {device}")
     d, i = dims
     tokens = 29
     ids, _ = routing(tokens, CFG, device)
@@ -31,7 +42,7 @@ def test_expert_ffn_matches_reference(device, dtype, dims, scale):
     x = torch.randn(tokens, d, generator=g).to(dtype).to(device).requires_grad_()
     up = (torch.randn(CFG.n_ffn, 2 * i, d, generator=g) / d**0.5).to(dtype).to(device).requires_grad_()
     down = (torch.randn(CFG.n_ffn, d, i, generator=g) / i**0.5).to(dtype).to(device).requires_grad_()
-    y = expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, CFG.top_k, scale, "torch")
+    y = expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, CFG.top_k, scale, backend)
     m = int(plan.offsets[-1])
     src_tokens = plan.row_src[:m].long() // CFG.top_k
     experts = ids.flatten()[plan.row_src[:m].long()].long()
@@ -39,7 +50,7 @@ def test_expert_ffn_matches_reference(device, dtype, dims, scale):
                             for t, e in zip(src_tokens.tolist(), experts.tolist())])
     assert_norm_close(y[:m], expected, dtype, "y")
     with torch.no_grad():  # the inference op: no h kept, expert-sized temporaries
-        y_inference = expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, CFG.top_k, scale, "torch")
+        y_inference = expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, CFG.top_k, scale, backend)
     assert_norm_close(y_inference[:m], expected, dtype, "y (inference)")
     grad = torch.randn(m, d, generator=g).to(dtype).to(device)
     ours = torch.autograd.grad((y[:m].float() * grad.float()).sum(), (x, up, down))
@@ -101,3 +112,11 @@ def test_combine_bad_layout_is_a_value_error():
     with pytest.raises(ValueError, match="layout"):
         combine(x, torch.zeros(12, 40), ids, weights, plan.slot_row, torch.zeros(4, 4), torch.zeros(2, 40),
                 5, 8, 7, 9, 1.0)
+
+
+def test_grouped_mm_refuses_unaligned_rows_clearly():
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    with pytest.raises(ValueError, match="16 bytes"):
+        grouped_gemm.resolve_backend("grouped_mm", torch.device("cpu"), torch.bfloat16, (13, 7))
+    assert grouped_gemm.resolve_backend("auto", torch.device("cpu"), torch.bfloat16, (13, 7)) == "torch"

@@ -218,3 +218,18 @@ def test_module_bad_arguments():
         MoEPPLayer(CONFIGS["7b"], dtype=torch.int8)
     with pytest.raises(ValueError, match="gemm_backend"):
         MoEPPLayer(CONFIGS["7b"], gemm_backend="cutlass3")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_with_the_grouped_mm_backend(dtype):
+    """torch._grouped_mm (where this torch has it, on the CPU too) as the grouped-GEMM backend."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    cfg = CONFIGS["7b"]
+    layer = make_layer(cfg, dtype, residual=True)
+    layer.gemm_backend = "grouped_mm"
+    x, prev = inputs(cfg, 37, dtype, "cpu", residual=True)
+    ((out, logits, grads), (r_out, r_logits, r_grads)), names = run_both(layer, x, prev)
+    assert_norm_close(out, r_out, dtype, "out")
+    for n, a, b in zip(names, grads, r_grads):
+        assert_norm_close(a, b if b is not None else torch.zeros_like(a), dtype, n)
