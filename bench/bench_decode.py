@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_GPU, copy_bandwidth
+from conftest import copy_bandwidth, devices
 
 from moepp_kernels import MoEPPConfig, MoEPPLayer
 
 PRESET = {"cuda": MoEPPConfig.moepp_7b, "cpu": MoEPPConfig.moepp_0_6b}
 
-
-def devices() -> list:
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no GPU"))]
 
 
 @pytest.mark.parametrize("device", devices())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_GPU
+from conftest import devices
 from synthetic import (
     PRESETS,
     TAUS,
@@ -45,9 +45,6 @@ def expert_forward(layer: MoEPPLayer, x: torch.Tensor, logits: torch.Tensor):
 
     return run, measured_share(cfg, route.topk_ids)
 
-
-def devices() -> list:
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no GPU"))]
 
 
 @pytest.mark.parametrize("device", devices())
