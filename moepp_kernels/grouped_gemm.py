@@ -32,7 +32,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims
     GEMMs' row lengths (D, I), which grouped_mm needs 16-byte aligned."""
     if backend not in BACKENDS:
         raise ValueError(f"gemm_backend must be one of {BACKENDS}, got {backend!r}")
-    aligned = all(d * torch.empty((), dtype=dtype).element_size() % 16 == 0 for d in dims)
+    aligned = all(d * dtype.itemsize % 16 == 0 for d in dims)
     if backend == "auto":
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         chosen = AUTO_TABLE.get((name, dtype), "torch")
