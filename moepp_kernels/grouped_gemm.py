@@ -42,6 +42,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims
             from . import triton_ffn
         except ImportError as exc:
             raise ValueError(f"gemm_backend='triton' needs the triton package ({exc})") from exc
+        if triton_ffn.triton_version() < triton_ffn.MIN_TRITON:
+            raise ValueError(f"gemm_backend='triton' needs triton >= {'.'.join(map(str, triton_ffn.MIN_TRITON))}, "
+                             f"found {triton_ffn.triton.__version__}")
         if device.type != "cuda" and not triton_ffn.interpreting():
             raise ValueError("gemm_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
         if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):

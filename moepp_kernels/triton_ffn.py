@@ -35,6 +35,11 @@ import triton.language as tl
 from torch import Tensor
 
 EPILOGUE_NONE, EPILOGUE_SWIGLU, EPILOGUE_SWIGLU_BWD = 0, 1, 2
+MIN_TRITON = (3, 6)  # the oldest Triton these kernels are tested with
+
+
+def triton_version() -> tuple:
+    return tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
 
 
 class TileConfig(NamedTuple):

@@ -19,6 +19,10 @@ from moepp_kernels import reference as R  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
+if triton_ffn.triton_version() < triton_ffn.MIN_TRITON:
+    pytest.skip(f"the Triton backend needs triton >= {triton_ffn.MIN_TRITON}, found {triton.__version__}",
+                allow_module_level=True)
+
 
 def _version(text: str) -> tuple:
     return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
