@@ -1,6 +1,7 @@
 """Build moepp_kernels._C with CMake + Ninja (no torch needed at build time).
 
 Environment knobs: MOEPP_CUDA (auto|0|1), MOEPP_CUDA_ARCHS (default "90a"),
+MOEPP_CUTLASS_DIR (CUTLASS source root; default: the nvidia-cutlass wheel's),
 MAX_JOBS (default: from cores and free memory), CMAKE_BUILD_TYPE. ccache is
 used when it is on PATH.
 """
@@ -42,6 +43,18 @@ def drop_stale_cache(build_dir: Path, ninja: str) -> None:
         cache.unlink()
 
 
+def cutlass_dir() -> str:
+    """MOEPP_CUTLASS_DIR, else the headers the pinned nvidia-cutlass wheel ships, else ''."""
+    if os.environ.get("MOEPP_CUTLASS_DIR"):
+        return os.environ["MOEPP_CUTLASS_DIR"]
+    try:
+        import cutlass_library
+    except ImportError:
+        print("moepp_kernels: nvidia-cutlass not found: building without the CUTLASS kernels", flush=True)
+        return ""
+    return str(Path(cutlass_library.__file__).resolve().parent / "source")
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -66,6 +79,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
             f"-DMOEPP_CUDA={os.environ.get('MOEPP_CUDA', 'auto')}",
             f"-DMOEPP_CUDA_ARCHS={os.environ.get('MOEPP_CUDA_ARCHS', '90a')}",
+            f"-DMOEPP_CUTLASS_DIR={cutlass_dir()}",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             "-G",
             "Ninja",

@@ -22,6 +22,11 @@ def backends(device: str) -> list:
     out = ["torch", "dense"]
     if device == "cuda":
         out.append("triton")
+        try:
+            grouped_gemm.resolve_backend("cutlass", torch.device("cuda"), torch.bfloat16)
+            out.append("cutlass")
+        except ValueError:
+            pass
     if hasattr(torch, "_grouped_mm") and (device == "cpu" or torch.cuda.get_device_capability() >= (9, 0)):
         out.append("grouped_mm")
     return out
@@ -35,7 +40,7 @@ def cases() -> list:
 
 
 @pytest.mark.parametrize("device, preset, tokens", cases())
-@pytest.mark.parametrize("impl", ["torch", "grouped_mm", "triton", "dense"])
+@pytest.mark.parametrize("impl", ["torch", "grouped_mm", "cutlass", "triton", "dense"])
 def bench_grouped_gemm(measure, quick, device, preset, tokens, impl):
     if impl not in backends(device):
         pytest.skip(f"{impl} is not available on {device}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import HAS_GPU
 
-from moepp_kernels import MoEPPConfig, MoEPPLayer, build_plan, combine, fused_router
+from moepp_kernels import MoEPPConfig, MoEPPLayer, build_plan, combine, fused_router, grouped_gemm
 from moepp_kernels import reference as R
 
 # (preset, tokens, devices it runs on): 0.6B at T = 4096 everywhere, 7B at T = 16384 on a GPU.
@@ -46,14 +46,17 @@ def cases() -> list:
 
 @pytest.mark.parametrize("preset, tokens, device", list(cases()))
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-@pytest.mark.parametrize("impl", ["fused", "fused_triton", "reference"])
+@pytest.mark.parametrize("impl", ["fused", "fused_triton", "fused_cutlass", "reference"])
 def bench_layer(measure, quick, preset, tokens, device, mode, impl):
-    if impl == "fused_triton" and device != "cuda":
-        pytest.skip("the Triton backend runs on a GPU")
+    backend = {"fused_triton": "triton", "fused_cutlass": "cutlass"}.get(impl, "auto")
+    try:
+        grouped_gemm.resolve_backend(backend, torch.device(device), torch.bfloat16)
+    except ValueError as exc:
+        pytest.skip(str(exc))
     tokens = QUICK_TOKENS if quick else tokens
     cfg, layer, x, prev = setup_layer(preset, tokens, device)
     params = reference_params(layer)
-    layer.gemm_backend = "triton" if impl == "fused_triton" else "auto"
+    layer.gemm_backend = backend
     run = (lambda: layer(x, prev)) if impl.startswith("fused") else (lambda: R.moepp_layer(x, params, cfg, prev))
     if mode == "forward":
         def fn():

@@ -97,8 +97,9 @@ def _derived(impls: dict) -> dict:
     ms = {k: v["median_ms"] for k, v in impls.items()}
     if "fused" in ms and "reference" in ms:
         out["speedup"] = ms["reference"] / ms["fused"]
-    if "fused_triton" in ms and "reference" in ms:
-        out["speedup_triton"] = ms["reference"] / ms["fused_triton"]
+    for backend in ("triton", "cutlass"):
+        if f"fused_{backend}" in ms and "reference" in ms:
+            out[f"speedup_{backend}"] = ms["reference"] / ms[f"fused_{backend}"]
     if "moepp" in ms and "vanilla" in ms:
         moepp = impls["moepp"]
         out["speedup_vs_vanilla"] = ms["vanilla"] / ms["moepp"]
@@ -136,8 +137,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             note = ""
             if impl == "fused" and "speedup" in derived:
                 note = f"speedup {derived['speedup']:.2f}x over reference"
-            elif impl == "fused_triton" and "speedup_triton" in derived:
-                note = f"speedup {derived['speedup_triton']:.2f}x over reference"
+            elif impl.startswith("fused_") and f"speedup_{impl[6:]}" in derived:
+                note = f"speedup {derived[f'speedup_{impl[6:]}']:.2f}x over reference"
             elif impl == "moepp" and "speedup_vs_vanilla" in derived:
                 paper = derived["paper_speedup"]
                 note = (f"{derived['speedup_vs_vanilla']:.2f}x vanilla (ideal {derived['ideal_speedup']:.2f}x, "

@@ -65,8 +65,8 @@ def render(summary: dict) -> str:
     layer = simple_rows(cases, "layer ", lambda n, c: (
         f"- {n}: " + (f"fused {c['impls']['fused']['median_ms']:.3f} ms{peak(c, 'fused')}, {c['speedup']:.2f}x "
                       "the reference" + peak(c, "reference")
-                      + (f"; Triton backend {c['speedup_triton']:.2f}x{peak(c, 'fused_triton')}"
-                         if "speedup_triton" in c else "")
+                      + "".join(f"; {b} backend {c[f'speedup_{b}']:.2f}x{peak(c, f'fused_{b}')}"
+                                for b in ("triton", "cutlass") if f"speedup_{b}" in c)
                       if "speedup" in c else
                       "router + plan + combine = "
                       f"{100 * c['share_of_layer']['router+plan+combine']:.1f}% of the layer forward")))

@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "gemm/grouped_gemm.h"
 #include "moe/combine.h"
 #include "moe/ffn_pointwise.h"
 #include "moe/plan.h"
@@ -23,7 +24,7 @@ TensorView make_view(uintptr_t data, const std::vector<int64_t>& shape, const st
   if (shape.size() != strides.size() || shape.size() > static_cast<size_t>(moepp::kMaxDims)) {
     throw std::invalid_argument("TensorView: shape and strides must have the same length (at most 4)");
   }
-  if (dtype < 0 || dtype > static_cast<int>(DType::kInt64)) throw std::invalid_argument("TensorView: unknown dtype code");
+  if (dtype < 0 || dtype > static_cast<int>(DType::kUInt8)) throw std::invalid_argument("TensorView: unknown dtype code");
   if (device != static_cast<int>(DeviceType::kCPU) && device != static_cast<int>(DeviceType::kCUDA)) {
     throw std::invalid_argument("TensorView: unknown device code");
   }
@@ -126,6 +127,35 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("x"), py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("slot_row"),
            py::arg("const_logits"), py::arg("const_value"));
+  namespace gm = moepp::gemm;
+  m.def("cutlass_built", &gm::cutlass_built);
+  py::class_<gm::GroupProblem>(m, "GroupProblem")
+      .def_readonly("m", &gm::GroupProblem::m)
+      .def_readonly("n", &gm::GroupProblem::n)
+      .def_readonly("k", &gm::GroupProblem::k)
+      .def_readonly("a_offset", &gm::GroupProblem::a_offset)
+      .def_readonly("b_offset", &gm::GroupProblem::b_offset)
+      .def_readonly("d_offset", &gm::GroupProblem::d_offset);
+  m.def(
+      "group_problems",
+      [](int product, const TensorView& offsets, int32_t n, int32_t k) {
+        return gm::group_problems(static_cast<gm::Product>(product), offsets, n, k);
+      },
+      py::arg("product"), py::arg("offsets"), py::arg("n"), py::arg("k"));
+  m.def(
+      "cutlass_workspace_bytes",
+      [](int product, int dtype, int groups, int64_t rows, int device) {
+        return gm::workspace_bytes(static_cast<gm::Product>(product), static_cast<DType>(dtype), groups, rows, device);
+      },
+      py::arg("product"), py::arg("dtype"), py::arg("groups"), py::arg("rows"), py::arg("device"));
+  m.def(
+      "cutlass_grouped_gemm",
+      [](int product, const TensorView& a, const TensorView& b, const TensorView& d, const TensorView& offsets,
+         const TensorView& workspace, uintptr_t stream) {
+        gm::grouped_gemm(static_cast<gm::Product>(product), a, b, d, offsets, workspace, stream);
+      },
+      py::arg("product"), py::arg("a"), py::arg("b"), py::arg("out"), py::arg("offsets"), py::arg("workspace"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("combine_forward", &moe::combine_forward, py::arg("inputs"), py::arg("layout"), py::arg("scale"),
         py::arg("out"), py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("combine_backward", &moe::combine_backward, py::arg("inputs"), py::arg("layout"), py::arg("scale"),

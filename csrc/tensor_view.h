@@ -11,7 +11,15 @@
 
 namespace moepp {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kInt32 = 4, kInt64 = 5 };
+enum class DType : int32_t {
+  kFloat32 = 0,
+  kFloat64 = 1,
+  kFloat16 = 2,
+  kBFloat16 = 3,
+  kInt32 = 4,
+  kInt64 = 5,
+  kUInt8 = 6,
+};
 enum class DeviceType : int32_t { kCPU = 0, kCUDA = 1 };
 
 constexpr int kMaxDims = 4;

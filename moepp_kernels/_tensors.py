@@ -9,13 +9,14 @@ from torch import Tensor
 
 from . import _C
 
-_DTYPE_CODES = {
+DTYPE_CODES = {
     torch.float32: 0,
     torch.float64: 1,
     torch.float16: 2,
     torch.bfloat16: 3,
     torch.int32: 4,
     torch.int64: 5,
+    torch.uint8: 6,
 }
 
 
@@ -51,7 +52,7 @@ def view(t: Tensor) -> _C.TensorView:
     dev = t.device
     is_cuda = dev.type == "cuda"
     index = (dev.index if dev.index is not None else torch.cuda.current_device()) if is_cuda else -1
-    return _C.TensorView(t.data_ptr(), list(t.shape), list(t.stride()), _DTYPE_CODES[t.dtype], int(is_cuda), index)
+    return _C.TensorView(t.data_ptr(), list(t.shape), list(t.stride()), DTYPE_CODES[t.dtype], int(is_cuda), index)
 
 
 def optional_view(t: Tensor | None) -> _C.TensorView | None:

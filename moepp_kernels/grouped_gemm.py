@@ -10,6 +10,10 @@ Rows past offsets[G] are neither read nor written. Backends:
                 (one device-to-host sync per call on a GPU).
   "grouped_mm"  torch._grouped_mm (CUDA sm90+ in bf16, offsets stay on the device;
                 also torch's CPU implementation, where the installed torch has one).
+  "cutlass"     CUTLASS 3.x sm90 ptr-array grouped GEMMs (TMA, warp-specialised,
+                wgmma; csrc/gemm/): each expert's shape, pointers and strides are
+                written by a device kernel from the offsets, so nothing syncs.
+                bf16/fp16, rows that are 16-byte multiples, H100/H200.
   "triton"      Triton kernels (triton_ffn.py; offsets stay on the device); in the
                 FFN the gather and SwiGLU are fused into the GEMMs (expert_ffn.py).
                 On the CPU only under TRITON_INTERPRET=1.
@@ -20,7 +24,11 @@ Rows past offsets[G] are neither read nor written. Backends:
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "torch", "grouped_mm", "triton")
+from . import _C
+from ._tensors import DTYPE_CODES, stream_handle, view
+
+BACKENDS = ("auto", "torch", "grouped_mm", "cutlass", "triton")
+_FORWARD, _GRAD_INPUT, _GRAD_WEIGHT = 0, 1, 2  # gemm::Product
 
 # (GPU name, dtype) -> backend, from committed GPU measurements (bench/results/); empty until a
 # GPU run has compared the backends, so "auto" stays on the torch backend.
@@ -49,6 +57,17 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims
             raise ValueError("gemm_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
         if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
             raise ValueError("gemm_backend='triton' runs bfloat16 or float16 on the GPU; use 'torch' for float32")
+    if backend == "cutlass":
+        if not _C.cutlass_built():
+            raise ValueError("gemm_backend='cutlass' needs a build with the CUTLASS sm_90a kernels (nvcc, the "
+                             "nvidia-cutlass headers and 90a in MOEPP_CUDA_ARCHS)")
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+            raise ValueError("gemm_backend='cutlass' runs on sm90 GPUs (H100/H200)")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"gemm_backend='cutlass' runs bfloat16 or float16, got {dtype}")
+        if not aligned:
+            raise ValueError(f"gemm_backend='cutlass' needs hidden_size and ffn_size whose rows are multiples of "
+                             f"16 bytes, got {dims} in {dtype}")
     if backend == "grouped_mm":
         on_gpu_ok = (device.type == "cuda" and dtype == torch.bfloat16
                      and torch.cuda.get_device_capability(device) >= (9, 0))
@@ -64,7 +83,19 @@ def _bounds(offsets: Tensor) -> list[int]:
     return offsets.tolist()
 
 
+def _cutlass(product: int, a: Tensor, b: Tensor, out: Tensor, offsets: Tensor) -> Tensor:
+    groups = offsets.shape[0] - 1
+    dev = a.device
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    size = _C.cutlass_workspace_bytes(product, DTYPE_CODES[a.dtype], groups, a.shape[0], index) if groups else 0
+    workspace = torch.empty(size, dtype=torch.uint8, device=dev)
+    _C.cutlass_grouped_gemm(product, view(a), view(b), view(out), view(offsets), view(workspace), stream_handle(dev))
+    return out
+
+
 def forward(a: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    if backend == "cutlass":
+        return _cutlass(_FORWARD, a, w, a.new_empty((a.shape[0], w.shape[1])), offsets)
     if backend == "triton":
         from . import triton_ffn
 
@@ -80,6 +111,8 @@ def forward(a: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
 
 
 def grad_input(dy: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    if backend == "cutlass":
+        return _cutlass(_GRAD_INPUT, dy, w, dy.new_empty((dy.shape[0], w.shape[2])), offsets)
     if backend == "triton":
         from . import triton_ffn
 
@@ -95,6 +128,8 @@ def grad_input(dy: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
 
 
 def grad_weight(dy: Tensor, a: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    if backend == "cutlass":  # zeros first: an expert without rows is a problem with an empty reduction
+        return _cutlass(_GRAD_WEIGHT, dy, a, dy.new_zeros((offsets.shape[0] - 1, dy.shape[1], a.shape[1])), offsets)
     if backend == "triton":
         from . import triton_ffn
 

@@ -3,7 +3,10 @@
 #   bash bench/device/check.sh [OUT_DIR]      (default: $OUT, else bench/out/device)
 # Builds the package from this working tree with what the machine has (pip
 # --no-build-isolation --no-deps; wheels carried in .whl/ are installed first),
-# runs the test suite (CUDA tests included), then the GPU benchmarks. Logs,
+# runs the test suite (CUDA tests included), then the GPU benchmarks. Carry the
+# CUTLASS headers as a wheel (the build needs them and that machine has no network):
+#   python3 -m pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0   (then carry ".whl")
+# Logs,
 # nvidia-smi output and JSON land in OUT_DIR. MOEPP_CHECK_STEPS picks steps
 # (default "build test bench"; a first try on a new machine: "build test";
 # add "tune" to measure the Triton tile configs, a few minutes more).
@@ -30,6 +33,7 @@ if compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
   step "carried wheels"
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$ROOT"/.whl/*.whl || failed+=" wheels"
 fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"  # the build finds cutlass_library here
 
 if [[ $STEPS == *build* ]]; then
   step "build (MAX_JOBS=$MAX_JOBS, MOEPP_CUDA_ARCHS=$MOEPP_CUDA_ARCHS)"
@@ -38,7 +42,6 @@ if [[ $STEPS == *build* ]]; then
     exit 1
   fi
 fi
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 cd "$OUT_DIR"  # import the built package, never the source tree (it has no _C)
 
 if [[ $STEPS == *test* ]]; then

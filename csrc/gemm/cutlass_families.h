@@ -1,0 +1,35 @@
+// The CUTLASS kernel families, one translation unit each (product x dtype), as
+// plain functions so the dispatcher does not parse CUTLASS.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moepp::gemm::sm90 {
+
+#define MOEPP_CUTLASS_FAMILY(NAME)                                                                            \
+  int64_t NAME##_workspace(int groups, int device);                                                           \
+  void NAME##_run(bool small, int groups, const int32_t* offsets, int32_t n, int32_t k, const void* a,         \
+                  const void* b, void* d, char* workspace, int device, cudaStream_t stream);
+MOEPP_CUTLASS_FAMILY(forward_bf16)
+MOEPP_CUTLASS_FAMILY(forward_fp16)
+MOEPP_CUTLASS_FAMILY(grad_input_bf16)
+MOEPP_CUTLASS_FAMILY(grad_input_fp16)
+MOEPP_CUTLASS_FAMILY(grad_weight_bf16)
+MOEPP_CUTLASS_FAMILY(grad_weight_fp16)
+#undef MOEPP_CUTLASS_FAMILY
+
+}  // namespace moepp::gemm::sm90
+
+// Defines one family's two functions in its translation unit.
+#define MOEPP_DEFINE_CUTLASS_FAMILY(NAME, ELEMENT, PRODUCT)                                                     \
+  namespace moepp::gemm::sm90 {                                                                               \
+  int64_t NAME##_workspace(int groups, int device) {                                                          \
+    return Family<ELEMENT, PRODUCT>::workspace_bytes(groups, device);                                         \
+  }                                                                                                           \
+  void NAME##_run(bool small, int groups, const int32_t* offsets, int32_t n, int32_t k, const void* a,         \
+                  const void* b, void* d, char* workspace, int device, cudaStream_t stream) {                  \
+    Family<ELEMENT, PRODUCT>::run(small, groups, offsets, n, k, a, b, d, workspace, device, stream);          \
+  }                                                                                                           \
+  }

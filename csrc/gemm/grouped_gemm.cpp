@@ -1,0 +1,98 @@
+#include <string>
+
+#include "grouped_gemm_impl.h"
+
+namespace moepp::gemm {
+
+bool cutlass_built() {
+#ifdef MOEPP_WITH_CUTLASS
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::vector<GroupProblem> group_problems(Product product, const TensorView& offsets, int32_t n, int32_t k) {
+  if (offsets.ndim != 1 || offsets.shape[0] < 1) throw_invalid("offsets", "expected shape [groups + 1]");
+  check_view(offsets, "offsets", DType::kInt32, {offsets.shape[0]}, DeviceType::kCPU, -1);
+  std::vector<GroupProblem> out;
+  for (int g = 0; g + 1 < offsets.shape[0]; ++g) out.push_back(group_problem(product, g, offsets.ptr<int32_t>(), n, k));
+  return out;
+}
+
+namespace {
+
+void check_dtype(DType dtype, const char* name) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) throw_invalid(name, "must be bfloat16 or float16");
+}
+
+// 16-byte rows for TMA.
+void check_aligned(int64_t extent, const char* name) {
+  if (extent % 8 != 0) throw_invalid(name, "extent " + std::to_string(extent) + " must be a multiple of 8 (16 bytes)");
+}
+
+}  // namespace
+
+int64_t workspace_bytes(Product product, DType dtype, int groups, int64_t, int device) {
+  check_dtype(dtype, "dtype");
+  if (!cutlass_built()) throw std::runtime_error("moepp_kernels was built without CUTLASS (sm_90a) kernels");
+  return workspace_bytes_cuda(product, dtype, groups, device);
+}
+
+void grouped_gemm(Product product, const TensorView& a, const TensorView& b, const TensorView& d,
+                  const TensorView& offsets, const TensorView& workspace, uintptr_t stream) {
+  if (!cutlass_built()) throw std::runtime_error("moepp_kernels was built without CUTLASS (sm_90a) kernels");
+  if (a.device != DeviceType::kCUDA) throw_invalid("a", "the CUTLASS grouped GEMM runs on CUDA tensors");
+  const int32_t dev = a.device_index;
+  check_dtype(a.dtype, "a");
+  if (a.ndim != 2 || b.ndim < 2 || offsets.ndim != 1) throw_invalid("a", "expected 2-D rows and a 1-D plan offsets");
+  const int groups = static_cast<int>(offsets.shape[0] - 1);
+  const int64_t rows = a.shape[0];
+  check_view(offsets, "offsets", DType::kInt32, {groups + 1}, DeviceType::kCUDA, dev);
+  CudaCall c{product, a.dtype, groups, rows, 0, 0, offsets.ptr<int32_t>(), a.data, b.data, d.data,
+             workspace.ptr<char>(), dev, stream};
+  switch (product) {
+    case Product::kForward: {  // a [R, K], b [G, N, K] -> d [R, N]
+      const int64_t n = b.shape[1], k = b.shape[2];
+      check_view(a, "a", a.dtype, {rows, k}, DeviceType::kCUDA, dev);
+      check_view(b, "b", a.dtype, {groups, n, k}, DeviceType::kCUDA, dev);
+      check_view(d, "out", a.dtype, {rows, n}, DeviceType::kCUDA, dev);
+      check_aligned(n, "N");
+      check_aligned(k, "K");
+      c.n = static_cast<int32_t>(n);
+      c.k = static_cast<int32_t>(k);
+      break;
+    }
+    case Product::kGradInput: {  // a = dy [R, N], b [G, N, K] -> d [R, K]
+      const int64_t n = b.shape[1], k = b.shape[2];
+      check_view(a, "grad_out", a.dtype, {rows, n}, DeviceType::kCUDA, dev);
+      check_view(b, "weight", a.dtype, {groups, n, k}, DeviceType::kCUDA, dev);
+      check_view(d, "grad_in", a.dtype, {rows, k}, DeviceType::kCUDA, dev);
+      check_aligned(n, "N");
+      check_aligned(k, "K");
+      c.n = static_cast<int32_t>(k);
+      c.k = static_cast<int32_t>(n);
+      break;
+    }
+    default: {  // a = dy [R, N], b = x [R, K] -> d [G, N, K]
+      const int64_t n = a.shape[1], k = b.shape[1];
+      check_view(a, "grad_out", a.dtype, {rows, n}, DeviceType::kCUDA, dev);
+      check_view(b, "x", a.dtype, {rows, k}, DeviceType::kCUDA, dev);
+      check_view(d, "grad_weight", a.dtype, {groups, n, k}, DeviceType::kCUDA, dev);
+      check_aligned(n, "N");
+      check_aligned(k, "K");
+      c.n = static_cast<int32_t>(n);
+      c.k = static_cast<int32_t>(k);
+      break;
+    }
+  }
+  if (groups == 0) return;
+  if (workspace.ndim != 1) throw_invalid("workspace", "expected a 1-D uint8 buffer");
+  check_view(workspace, "workspace", DType::kUInt8, {workspace.shape[0]}, DeviceType::kCUDA, dev);
+  if (workspace.shape[0] < workspace_bytes_cuda(product, a.dtype, groups, dev)) {
+    throw_invalid("workspace", "smaller than workspace_bytes()");
+  }
+  grouped_gemm_cuda(c);
+}
+
+}  // namespace moepp::gemm

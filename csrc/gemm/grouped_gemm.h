@@ -1,0 +1,53 @@
+// Grouped GEMMs over the permutation plan's expert-sorted rows (CUTLASS sm90),
+// one problem per expert, with the per-expert shapes, pointers and strides
+// written on the device from the plan's offsets (no host sync).
+//
+//   forward      D[R, N]    = A[R, K] · W_gᵀ     A rows of the plan, W [G, N, K]
+//   grad_input   D[R, K]    = A[R, N] · W_g      A = dY rows,         W [G, N, K]
+//   grad_weight  D[G, N, K] = A_gᵀ · B_g         A = dY [R, N],       B = X [R, K] rows
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../macros.h"
+#include "../tensor_view.h"
+
+namespace moepp::gemm {
+
+enum class Product : int32_t { kForward = 0, kGradInput = 1, kGradWeight = 2 };
+
+// One expert's problem (m, n, k) and where its operands start (in elements).
+struct GroupProblem {
+  int32_t m, n, k;
+  int64_t a_offset, b_offset, d_offset;
+};
+
+// Shared by the CUDA argument-filling kernel and the CPU test of it. n and k are
+// the product's full extents: forward (N, K), grad_input (K, N), grad_weight (N, K).
+MOEPP_HD GroupProblem group_problem(Product product, int g, const int32_t* offsets, int32_t n, int32_t k) {
+  const int64_t first = offsets[g];
+  const int32_t rows = offsets[g + 1] - offsets[g];
+  switch (product) {
+    case Product::kForward:  // D rows = A rows · W_gᵀ: reduction over K
+      return {rows, n, k, first * k, int64_t(g) * n * k, first * n};
+    case Product::kGradInput:  // D [rows, n] = dY [rows, k] · W_g [k, n]: reduction over the weights' rows
+      return {rows, n, k, first * k, int64_t(g) * n * k, first * n};
+    default:  // grad_weight: D_g [n, k] = dY_gᵀ [n, rows] · X_g [rows, k]: reduction over the expert's rows
+      return {n, k, rows, first * n, first * k, int64_t(g) * n * k};
+  }
+}
+
+bool cutlass_built();
+
+// CPU view of what the device kernel writes, for tests: one GroupProblem per expert.
+std::vector<GroupProblem> group_problems(Product product, const TensorView& offsets, int32_t n, int32_t k);
+
+// Bytes of device workspace a call needs (argument arrays + CUTLASS's own).
+int64_t workspace_bytes(Product product, DType dtype, int groups, int64_t rows, int device);
+
+// D = product(A, B) for the plan's groups; `workspace` holds workspace_bytes(...) bytes.
+void grouped_gemm(Product product, const TensorView& a, const TensorView& b, const TensorView& d,
+                  const TensorView& offsets, const TensorView& workspace, uintptr_t stream);
+
+}  // namespace moepp::gemm

@@ -1,0 +1,99 @@
+"""The CUTLASS sm90 grouped GEMMs: the device-side argument filling checked on
+the CPU (the same group_problem() the CUDA kernel runs), the build in CI, and
+the three products against per-expert matmuls on an H100/H200."""
+
+import os
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_norm_close
+
+from moepp_kernels import _C, MoEPPConfig, MoEPPLayer, grouped_gemm
+from moepp_kernels import reference as R
+from moepp_kernels._tensors import view
+
+FORWARD, GRAD_INPUT, GRAD_WEIGHT = 0, 1, 2
+SIZES = {"ragged_with_empty": [5, 0, 17, 1, 0, 9], "one_group": [23], "all_in_one": [0, 0, 300, 0]}
+HAS_SM90_CUTLASS = HAS_CUDA and _C.cutlass_built() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def offsets_of(sizes):
+    return torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("sizes", list(SIZES.values()), ids=list(SIZES))
+def test_argument_filling(sizes):
+    """Each expert's (m, n, k) and operand offsets, as the device kernel writes them."""
+    offsets = offsets_of(sizes)
+    n, k = 24, 40
+    for g, p in enumerate(_C.group_problems(FORWARD, view(offsets), n, k)):  # out rows = a rows · w_gᵀ
+        first, rows = int(offsets[g]), sizes[g]
+        assert (p.m, p.n, p.k) == (rows, n, k)
+        assert (p.a_offset, p.b_offset, p.d_offset) == (first * k, g * n * k, first * n)
+    for g, p in enumerate(_C.group_problems(GRAD_INPUT, view(offsets), k, n)):  # dx rows = dy rows · w_g
+        first, rows = int(offsets[g]), sizes[g]
+        assert (p.m, p.n, p.k) == (rows, k, n)
+        assert (p.a_offset, p.b_offset, p.d_offset) == (first * n, g * n * k, first * k)
+    for g, p in enumerate(_C.group_problems(GRAD_WEIGHT, view(offsets), n, k)):  # dw_g = dy_gᵀ · x_g
+        first, rows = int(offsets[g]), sizes[g]
+        assert (p.m, p.n, p.k) == (n, k, rows)
+        assert (p.a_offset, p.b_offset, p.d_offset) == (first * n, first * k, g * n * k)
+
+
+@pytest.mark.skipif(os.environ.get("MOEPP_EXPECT_CUTLASS") != "1", reason="set by .ci/run, where nvcc is present")
+def test_ci_build_compiles_the_cutlass_kernels():
+    assert _C.built_with_cuda() and _C.cutlass_built()
+
+
+def test_backend_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="cutlass"):
+        grouped_gemm.resolve_backend("cutlass", torch.device("cpu"), torch.bfloat16, (64, 64))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90_CUTLASS, reason="needs an sm90 GPU and the CUTLASS kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sizes", list(SIZES.values()), ids=list(SIZES))
+@pytest.mark.parametrize("n, k", [(256, 128), (136, 264)])  # not multiples of the 128-wide tiles
+def test_products_match_per_expert_matmuls(dtype, sizes, n, k):
+    offsets = offsets_of(sizes).cuda()
+    rows = int(offsets[-1]) + 5  # rows past the total stay untouched
+    a = torch.randn(rows, k, device="cuda", dtype=dtype)
+    dy = torch.randn(rows, n, device="cuda", dtype=dtype)
+    w = torch.randn(len(sizes), n, k, device="cuda", dtype=dtype) / k**0.5
+    out = grouped_gemm.forward(a, w, offsets, "cutlass")
+    gin = grouped_gemm.grad_input(dy, w, offsets, "cutlass")
+    gw = grouped_gemm.grad_weight(dy, a, offsets, "cutlass")
+    for e in range(len(sizes)):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        assert_norm_close(out[lo:hi], a[lo:hi].float() @ w[e].float().t(), dtype, f"forward e={e}")
+        assert_norm_close(gin[lo:hi], dy[lo:hi].float() @ w[e].float(), dtype, f"grad_input e={e}")
+        assert_norm_close(gw[e], dy[lo:hi].float().t() @ a[lo:hi].float(), dtype, f"grad_weight e={e}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90_CUTLASS, reason="needs an sm90 GPU and the CUTLASS kernels")
+def test_unaligned_extents_are_a_clear_error():
+    offsets = offsets_of([3, 4]).cuda()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        grouped_gemm.forward(torch.zeros(7, 100, device="cuda", dtype=torch.bfloat16),
+                             torch.zeros(2, 64, 100, device="cuda", dtype=torch.bfloat16), offsets, "cutlass")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_SM90_CUTLASS, reason="needs an sm90 GPU and the CUTLASS kernels")
+@pytest.mark.parametrize("tokens", [16, 4096])  # the small-M (decode) and large-M tile configurations
+def test_layer_with_the_cutlass_backend(tokens):
+    cfg = MoEPPConfig.moepp_7b().with_(hidden_size=256, ffn_size=384)
+    torch.manual_seed(0)
+    layer = MoEPPLayer(cfg, has_residual=False, dtype=torch.bfloat16, device="cuda", gemm_backend="cutlass")
+    x = torch.randn(tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, _ = layer(x)
+    params = R.MoEPPParams(up=layer.up, down=layer.down, const_gate=layer.const_gate, const_value=layer.const_value,
+                           gate_weight=layer.router.gate_weight)
+    ref, _ = R.moepp_layer(x, params, cfg)
+    assert_norm_close(out, ref, torch.bfloat16, "out")
+    ours = torch.autograd.grad(out.float().square().sum(), (x, layer.up, layer.down))
+    theirs = torch.autograd.grad(ref.float().square().sum(), (x, layer.up, layer.down))
+    for n, a, b in zip(("x", "up", "down"), ours, theirs):
+        assert_norm_close(a, b, torch.bfloat16, n)
