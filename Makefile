@@ -22,10 +22,18 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# Installed once per torch requirement and source state (a stamp in the venv), so make test
+# followed by make bench builds once.
+SOURCES := $(shell git ls-files csrc moepp_kernels setup.py pyproject.toml CMakeLists.txt 2>/dev/null)
+STAMP := $(VENV)/.moepp-installed-$(shell printf '%s' "$(TORCH) $(MOEPP_CUDA) $(MOEPP_CUDA_ARCHS)" | cksum | cut -d' ' -f1)
+
 # pip's default build isolation: the build sees only pyproject's build requirements (no torch).
-setup: $(BIN)/python
+$(STAMP): $(BIN)/python $(SOURCES)
 	$(BIN)/python -m pip install "$(TORCH)"
 	$(BIN)/python -m pip install ".[test,bench]"
+	@touch $@
+
+setup: $(STAMP)
 
 lint: setup
 	$(BIN)/ruff check .

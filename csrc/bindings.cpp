@@ -128,7 +128,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("x"), py::arg("y"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("slot_row"),
            py::arg("const_logits"), py::arg("const_value"));
   namespace gm = moepp::gemm;
-  m.def("cutlass_built", &gm::cutlass_built);
+  m.def("cutlass_archs", &gm::cutlass_archs);
   py::class_<gm::GroupProblem>(m, "GroupProblem")
       .def_readonly("m", &gm::GroupProblem::m)
       .def_readonly("n", &gm::GroupProblem::n)

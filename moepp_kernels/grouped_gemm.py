@@ -10,10 +10,10 @@ Rows past offsets[G] are neither read nor written. Backends:
                 (one device-to-host sync per call on a GPU).
   "grouped_mm"  torch._grouped_mm (CUDA sm90+ in bf16, offsets stay on the device;
                 also torch's CPU implementation, where the installed torch has one).
-  "cutlass"     CUTLASS 3.x sm90 ptr-array grouped GEMMs (TMA, warp-specialised,
-                wgmma; csrc/gemm/): each expert's shape, pointers and strides are
-                written by a device kernel from the offsets, so nothing syncs.
-                bf16/fp16, rows that are 16-byte multiples, H100/H200.
+  "cutlass"     CUTLASS grouped GEMMs (csrc/gemm/): 3.x ptr-array kernels on sm90
+                (TMA, warp-specialised, wgmma), 2.x device-scheduled ones on sm80;
+                each expert's shape, pointers and strides are written by a device
+                kernel from the offsets, so nothing syncs. bf16/fp16, 16-byte rows.
   "triton"      Triton kernels (triton_ffn.py; offsets stay on the device); in the
                 FFN the gather and SwiGLU are fused into the GEMMs (expert_ffn.py).
                 On the CPU only under TRITON_INTERPRET=1.
@@ -58,11 +58,13 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims
         if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
             raise ValueError("gemm_backend='triton' runs bfloat16 or float16 on the GPU; use 'torch' for float32")
     if backend == "cutlass":
-        if not _C.cutlass_built():
-            raise ValueError("gemm_backend='cutlass' needs a build with the CUTLASS sm_90a kernels (nvcc, the "
-                             "nvidia-cutlass headers and 90a in MOEPP_CUDA_ARCHS)")
-        if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-            raise ValueError("gemm_backend='cutlass' runs on sm90 GPUs (H100/H200)")
+        archs = _C.cutlass_archs()
+        if not archs:
+            raise ValueError("gemm_backend='cutlass' needs a build with the CUTLASS kernels (nvcc, the "
+                             "nvidia-cutlass headers and 90a or 80 in MOEPP_CUDA_ARCHS)")
+        major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
+        if major not in {a // 10 for a in archs}:
+            raise ValueError(f"gemm_backend='cutlass' was built for sm{archs} and runs on those GPUs only")
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"gemm_backend='cutlass' runs bfloat16 or float16, got {dtype}")
         if not aligned:

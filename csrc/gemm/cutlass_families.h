@@ -1,5 +1,5 @@
-// The CUTLASS kernel families, one translation unit each (product x dtype), as
-// plain functions so the dispatcher does not parse CUTLASS.
+// The CUTLASS kernel families, one translation unit each (arch x product x
+// dtype), as plain functions so the dispatcher does not parse CUTLASS.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,13 +18,22 @@ MOEPP_CUTLASS_FAMILY(grad_input_bf16)
 MOEPP_CUTLASS_FAMILY(grad_input_fp16)
 MOEPP_CUTLASS_FAMILY(grad_weight_bf16)
 MOEPP_CUTLASS_FAMILY(grad_weight_fp16)
-#undef MOEPP_CUTLASS_FAMILY
 
 }  // namespace moepp::gemm::sm90
 
-// Defines one family's two functions in its translation unit.
-#define MOEPP_DEFINE_CUTLASS_FAMILY(NAME, ELEMENT, PRODUCT)                                                     \
-  namespace moepp::gemm::sm90 {                                                                               \
+namespace moepp::gemm::sm80 {
+MOEPP_CUTLASS_FAMILY(forward_bf16)
+MOEPP_CUTLASS_FAMILY(forward_fp16)
+MOEPP_CUTLASS_FAMILY(grad_input_bf16)
+MOEPP_CUTLASS_FAMILY(grad_input_fp16)
+MOEPP_CUTLASS_FAMILY(grad_weight_bf16)
+MOEPP_CUTLASS_FAMILY(grad_weight_fp16)
+}  // namespace moepp::gemm::sm80
+#undef MOEPP_CUTLASS_FAMILY
+
+// Defines one family's two functions in its translation unit (ARCH: sm90 or sm80).
+#define MOEPP_DEFINE_CUTLASS_FAMILY(ARCH, NAME, ELEMENT, PRODUCT)                                               \
+  namespace moepp::gemm::ARCH {                                                                               \
   int64_t NAME##_workspace(int groups, int device) {                                                          \
     return Family<ELEMENT, PRODUCT>::workspace_bytes(groups, device);                                         \
   }                                                                                                           \

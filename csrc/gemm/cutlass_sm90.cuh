@@ -17,31 +17,13 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "cutlass_layouts.h"
 #include "grouped_gemm.h"
 
 namespace moepp::gemm::sm90 {
 
 using namespace cute;
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
-
-// Operand layouts per product (CUTLASS's B is K x N: ColumnMajor = the weights' [N, K] rows).
-template <Product P>
-struct Layouts;
-template <>
-struct Layouts<Product::kForward> {
-  using A = cutlass::layout::RowMajor;
-  using B = cutlass::layout::ColumnMajor;
-};
-template <>
-struct Layouts<Product::kGradInput> {
-  using A = cutlass::layout::RowMajor;
-  using B = cutlass::layout::RowMajor;
-};
-template <>
-struct Layouts<Product::kGradWeight> {
-  using A = cutlass::layout::ColumnMajor;
-  using B = cutlass::layout::RowMajor;
-};
 
 // Two tile configurations: large M (prefill, training) and small M (decode).
 struct LargeTile {

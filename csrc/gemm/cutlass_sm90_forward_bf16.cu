@@ -2,4 +2,4 @@
 #include "cutlass_families.h"
 #include "cutlass_sm90.cuh"
 
-MOEPP_DEFINE_CUTLASS_FAMILY(forward_bf16, cutlass::bfloat16_t, Product::kForward)
+MOEPP_DEFINE_CUTLASS_FAMILY(sm90, forward_bf16, cutlass::bfloat16_t, Product::kForward)

@@ -2,4 +2,4 @@
 #include "cutlass_families.h"
 #include "cutlass_sm90.cuh"
 
-MOEPP_DEFINE_CUTLASS_FAMILY(forward_fp16, cutlass::half_t, Product::kForward)
+MOEPP_DEFINE_CUTLASS_FAMILY(sm90, forward_fp16, cutlass::half_t, Product::kForward)

@@ -2,4 +2,4 @@
 #include "cutlass_families.h"
 #include "cutlass_sm90.cuh"
 
-MOEPP_DEFINE_CUTLASS_FAMILY(grad_input_bf16, cutlass::bfloat16_t, Product::kGradInput)
+MOEPP_DEFINE_CUTLASS_FAMILY(sm90, grad_input_bf16, cutlass::bfloat16_t, Product::kGradInput)

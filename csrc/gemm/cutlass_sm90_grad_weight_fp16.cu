@@ -2,4 +2,4 @@
 #include "cutlass_families.h"
 #include "cutlass_sm90.cuh"
 
-MOEPP_DEFINE_CUTLASS_FAMILY(grad_weight_fp16, cutlass::half_t, Product::kGradWeight)
+MOEPP_DEFINE_CUTLASS_FAMILY(sm90, grad_weight_fp16, cutlass::half_t, Product::kGradWeight)

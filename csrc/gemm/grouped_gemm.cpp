@@ -4,12 +4,15 @@
 
 namespace moepp::gemm {
 
-bool cutlass_built() {
-#ifdef MOEPP_WITH_CUTLASS
-  return true;
-#else
-  return false;
+std::vector<int> cutlass_archs() {
+  std::vector<int> archs;
+#ifdef MOEPP_WITH_CUTLASS_SM90
+  archs.push_back(90);
 #endif
+#ifdef MOEPP_WITH_CUTLASS_SM80
+  archs.push_back(80);
+#endif
+  return archs;
 }
 
 std::vector<GroupProblem> group_problems(Product product, const TensorView& offsets, int32_t n, int32_t k) {
@@ -35,13 +38,13 @@ void check_aligned(int64_t extent, const char* name) {
 
 int64_t workspace_bytes(Product product, DType dtype, int groups, int64_t, int device) {
   check_dtype(dtype, "dtype");
-  if (!cutlass_built()) throw std::runtime_error("moepp_kernels was built without CUTLASS (sm_90a) kernels");
+  if (cutlass_archs().empty()) throw std::runtime_error("moepp_kernels was built without the CUTLASS kernels");
   return workspace_bytes_cuda(product, dtype, groups, device);
 }
 
 void grouped_gemm(Product product, const TensorView& a, const TensorView& b, const TensorView& d,
                   const TensorView& offsets, const TensorView& workspace, uintptr_t stream) {
-  if (!cutlass_built()) throw std::runtime_error("moepp_kernels was built without CUTLASS (sm_90a) kernels");
+  if (cutlass_archs().empty()) throw std::runtime_error("moepp_kernels was built without the CUTLASS kernels");
   if (a.device != DeviceType::kCUDA) throw_invalid("a", "the CUTLASS grouped GEMM runs on CUDA tensors");
   const int32_t dev = a.device_index;
   check_dtype(a.dtype, "a");

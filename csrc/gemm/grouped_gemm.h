@@ -1,4 +1,4 @@
-// Grouped GEMMs over the permutation plan's expert-sorted rows (CUTLASS sm90),
+// Grouped GEMMs over the permutation plan's expert-sorted rows (CUTLASS sm90 / sm80),
 // one problem per expert, with the per-expert shapes, pointers and strides
 // written on the device from the plan's offsets (no host sync).
 //
@@ -38,7 +38,8 @@ MOEPP_HD GroupProblem group_problem(Product product, int g, const int32_t* offse
   }
 }
 
-bool cutlass_built();
+// The architectures (90, 80) whose CUTLASS families this build compiled.
+std::vector<int> cutlass_archs();
 
 // CPU view of what the device kernel writes, for tests: one GroupProblem per expert.
 std::vector<GroupProblem> group_problems(Product product, const TensorView& offsets, int32_t n, int32_t k);

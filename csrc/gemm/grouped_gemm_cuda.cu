@@ -1,5 +1,8 @@
-// Picks the CUTLASS family for (product, dtype) and the tile configuration for
-// the shape: the small-M (decode) tile when experts average <= 64 rows.
+// Picks the CUTLASS family for (architecture, product, dtype) and, on sm90, the
+// tile configuration for the shape: the small-M (decode) tile when experts
+// average <= 64 rows.
+#include <string>
+
 #include "../cuda/cuda_utils.h"
 #include "cutlass_families.h"
 #include "grouped_gemm_impl.h"
@@ -8,33 +11,57 @@ namespace moepp::gemm {
 
 namespace {
 
-template <typename F>
-auto by_family(Product product, DType dtype, F&& f) {
-  using namespace sm90;
-  const bool bf16 = dtype == DType::kBFloat16;
-  switch (product) {
-    case Product::kForward:
-      return bf16 ? f(forward_bf16_workspace, forward_bf16_run) : f(forward_fp16_workspace, forward_fp16_run);
-    case Product::kGradInput:
-      return bf16 ? f(grad_input_bf16_workspace, grad_input_bf16_run)
-                  : f(grad_input_fp16_workspace, grad_input_fp16_run);
-    default:
-      return bf16 ? f(grad_weight_bf16_workspace, grad_weight_bf16_run)
-                  : f(grad_weight_fp16_workspace, grad_weight_fp16_run);
+// The families of one architecture, as (workspace, run) function pairs.
+#define MOEPP_FAMILIES_OF(ARCH)                                                                             \
+  template <typename F>                                                                                     \
+  auto ARCH##_family(Product product, bool bf16, F&& f) {                                                   \
+    using namespace ARCH;                                                                                   \
+    switch (product) {                                                                                      \
+      case Product::kForward:                                                                               \
+        return bf16 ? f(forward_bf16_workspace, forward_bf16_run) : f(forward_fp16_workspace, forward_fp16_run); \
+      case Product::kGradInput:                                                                             \
+        return bf16 ? f(grad_input_bf16_workspace, grad_input_bf16_run)                                     \
+                    : f(grad_input_fp16_workspace, grad_input_fp16_run);                                    \
+      default:                                                                                              \
+        return bf16 ? f(grad_weight_bf16_workspace, grad_weight_bf16_run)                                   \
+                    : f(grad_weight_fp16_workspace, grad_weight_fp16_run);                                  \
+    }                                                                                                       \
   }
+#ifdef MOEPP_WITH_CUTLASS_SM90
+MOEPP_FAMILIES_OF(sm90)
+#endif
+#ifdef MOEPP_WITH_CUTLASS_SM80
+MOEPP_FAMILIES_OF(sm80)
+#endif
+#undef MOEPP_FAMILIES_OF
+
+// sm90 kernels on compute capability 9.0, sm80 kernels on 8.x; else a clear error.
+template <typename F>
+auto by_family(Product product, DType dtype, int device, F&& f) {
+  int major = 0;
+  cuda::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  const bool bf16 = dtype == DType::kBFloat16;
+#ifdef MOEPP_WITH_CUTLASS_SM90
+  if (major == 9) return sm90_family(product, bf16, f);
+#endif
+#ifdef MOEPP_WITH_CUTLASS_SM80
+  if (major == 8) return sm80_family(product, bf16, f);
+#endif
+  throw std::runtime_error("moepp_kernels has no CUTLASS grouped GEMM built for compute capability " +
+                           std::to_string(major) + ".x (MOEPP_CUDA_ARCHS)");
 }
 
 }  // namespace
 
 int64_t workspace_bytes_cuda(Product product, DType dtype, int groups, int device) {
   cuda::DeviceGuard guard(device);
-  return by_family(product, dtype, [&](auto workspace, auto) { return workspace(groups, device); });
+  return by_family(product, dtype, device, [&](auto workspace, auto) { return workspace(groups, device); });
 }
 
 void grouped_gemm_cuda(const CudaCall& c) {
   cuda::DeviceGuard guard(c.device);
   const bool small = c.product != Product::kGradWeight && c.rows <= 64 * int64_t(c.groups);
-  by_family(c.product, c.dtype, [&](auto, auto run) {
+  by_family(c.product, c.dtype, c.device, [&](auto, auto run) {
     run(small, c.groups, c.offsets, c.n, c.k, c.a, c.b, c.d, c.workspace, c.device, cuda::as_stream(c.stream));
     return 0;
   });

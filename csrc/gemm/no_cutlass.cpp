@@ -1,5 +1,5 @@
 // Built instead of the CUTLASS kernels when they are not compiled (no CUDA, no
-// CUTLASS headers, or no sm_90a in MOEPP_CUDA_ARCHS).
+// CUTLASS headers, or neither 90a nor 80 in MOEPP_CUDA_ARCHS).
 #include <stdexcept>
 
 #include "grouped_gemm_impl.h"
@@ -9,8 +9,8 @@ namespace moepp::gemm {
 namespace {
 [[noreturn]] void no_cutlass() {
   throw std::runtime_error(
-      "moepp_kernels was built without the CUTLASS sm_90a kernels (needs nvcc, the nvidia-cutlass headers and "
-      "90a in MOEPP_CUDA_ARCHS)");
+      "moepp_kernels was built without the CUTLASS kernels (needs nvcc, the nvidia-cutlass headers and 90a or 80 "
+      "in MOEPP_CUDA_ARCHS)");
 }
 }  // namespace
 
