@@ -40,24 +40,17 @@ struct GroupedGemm {
     int64_t bytes;
   };
 
-  static int64_t align(int64_t bytes) { return (bytes + 255) / 256 * 256; }
-
   static Arrays carve(char* base, int groups) {
+    Carver c{base, groups};
     Arrays r{};
-    int64_t at = 0;
-    auto take = [&](int64_t each) {
-      char* p = base + at;
-      at += align(each * groups);
-      return p;
-    };
-    r.shapes = reinterpret_cast<cutlass::gemm::GemmCoord*>(take(sizeof(cutlass::gemm::GemmCoord)));
-    r.a = reinterpret_cast<Element**>(take(sizeof(void*)));
-    r.b = reinterpret_cast<Element**>(take(sizeof(void*)));
-    r.d = reinterpret_cast<Element**>(take(sizeof(void*)));
-    r.lda = reinterpret_cast<int64_t*>(take(sizeof(int64_t)));
-    r.ldb = reinterpret_cast<int64_t*>(take(sizeof(int64_t)));
-    r.ldd = reinterpret_cast<int64_t*>(take(sizeof(int64_t)));
-    r.bytes = at;
+    r.shapes = c.take<cutlass::gemm::GemmCoord>();
+    r.a = c.take<Element*>();
+    r.b = c.take<Element*>();
+    r.d = c.take<Element*>();
+    r.lda = c.take<int64_t>();
+    r.ldb = c.take<int64_t>();
+    r.ldd = c.take<int64_t>();
+    r.bytes = c.at;
     return r;
   }
 
@@ -69,7 +62,7 @@ struct GroupedGemm {
 
   static int64_t workspace_bytes(int groups) {
     const Arrays r = carve(nullptr, groups);
-    return r.bytes + align(static_cast<int64_t>(Gemm::get_workspace_size(arguments(r, groups))));
+    return r.bytes + align256(static_cast<int64_t>(Gemm::get_workspace_size(arguments(r, groups))));
   }
 };
 

@@ -74,25 +74,18 @@ struct GroupedGemm {
     int64_t bytes;
   };
 
-  static int64_t align(int64_t bytes) { return (bytes + 255) / 256 * 256; }
-
   static Arrays carve(char* base, int groups) {
+    Carver c{base, groups};
     Arrays r{};
-    int64_t at = 0;
-    auto take = [&](int64_t each) {
-      char* p = base + at;
-      at += align(each * groups);
-      return p;
-    };
-    r.shapes = reinterpret_cast<Shape3*>(take(sizeof(Shape3)));
-    r.a = reinterpret_cast<const Element**>(take(sizeof(void*)));
-    r.b = reinterpret_cast<const Element**>(take(sizeof(void*)));
-    r.d = reinterpret_cast<Element**>(take(sizeof(void*)));
-    r.sa = reinterpret_cast<StrideA*>(take(sizeof(StrideA)));
-    r.sb = reinterpret_cast<StrideB*>(take(sizeof(StrideB)));
-    r.sc = reinterpret_cast<StrideC*>(take(sizeof(StrideC)));
-    r.sd = reinterpret_cast<StrideD*>(take(sizeof(StrideD)));
-    r.bytes = at;
+    r.shapes = c.take<Shape3>();
+    r.a = c.take<const Element*>();
+    r.b = c.take<const Element*>();
+    r.d = c.take<Element*>();
+    r.sa = c.take<StrideA>();
+    r.sb = c.take<StrideB>();
+    r.sc = c.take<StrideC>();
+    r.sd = c.take<StrideD>();
+    r.bytes = c.at;
     return r;
   }
 
@@ -112,7 +105,7 @@ struct GroupedGemm {
 
   static int64_t workspace_bytes(int groups, int device) {
     const Arrays r = carve(nullptr, groups);
-    return r.bytes + align(static_cast<int64_t>(Gemm::get_workspace_size(arguments(r, groups, device))));
+    return r.bytes + align256(static_cast<int64_t>(Gemm::get_workspace_size(arguments(r, groups, device))));
   }
 };
 
