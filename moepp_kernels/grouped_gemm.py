@@ -95,9 +95,16 @@ def _cutlass(product: int, a: Tensor, b: Tensor, out: Tensor, offsets: Tensor) -
     return out
 
 
+def _per_expert(a: Tensor, out: Tensor, offsets: Tensor, weight) -> Tensor:
+    """The torch backend: out rows of expert e = a rows of e @ weight(e)."""
+    b = _bounds(offsets)
+    for e in range(len(b) - 1):
+        if b[e + 1] > b[e]:
+            torch.matmul(a[b[e]:b[e + 1]], weight(e), out=out[b[e]:b[e + 1]])
+    return out
+
+
 def forward(a: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
-    if backend == "cutlass":
-        return _cutlass(_FORWARD, a, w, a.new_empty((a.shape[0], w.shape[1])), offsets)
     if backend == "triton":
         from . import triton_ffn
 
@@ -105,16 +112,12 @@ def forward(a: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
     if backend == "grouped_mm":
         return torch._grouped_mm(a, w.transpose(-2, -1), offs=offsets[1:])
     out = a.new_empty((a.shape[0], w.shape[1]))
-    b = _bounds(offsets)
-    for e in range(w.shape[0]):
-        if b[e + 1] > b[e]:
-            torch.matmul(a[b[e]:b[e + 1]], w[e].t(), out=out[b[e]:b[e + 1]])
-    return out
+    if backend == "cutlass":
+        return _cutlass(_FORWARD, a, w, out, offsets)
+    return _per_expert(a, out, offsets, lambda e: w[e].t())
 
 
 def grad_input(dy: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
-    if backend == "cutlass":
-        return _cutlass(_GRAD_INPUT, dy, w, dy.new_empty((dy.shape[0], w.shape[2])), offsets)
     if backend == "triton":
         from . import triton_ffn
 
@@ -122,26 +125,27 @@ def grad_input(dy: Tensor, w: Tensor, offsets: Tensor, backend: str) -> Tensor:
     if backend == "grouped_mm":
         return torch._grouped_mm(dy, w, offs=offsets[1:])
     out = dy.new_empty((dy.shape[0], w.shape[2]))
-    b = _bounds(offsets)
-    for e in range(w.shape[0]):
-        if b[e + 1] > b[e]:
-            torch.matmul(dy[b[e]:b[e + 1]], w[e], out=out[b[e]:b[e + 1]])
-    return out
+    if backend == "cutlass":
+        return _cutlass(_GRAD_INPUT, dy, w, out, offsets)
+    return _per_expert(dy, out, offsets, lambda e: w[e])
 
 
 def grad_weight(dy: Tensor, a: Tensor, offsets: Tensor, backend: str) -> Tensor:
-    if backend == "cutlass":  # zeros first: an expert without rows is a problem with an empty reduction
-        return _cutlass(_GRAD_WEIGHT, dy, a, dy.new_zeros((offsets.shape[0] - 1, dy.shape[1], a.shape[1])), offsets)
+    """Every backend writes zeros for experts without rows."""
+    groups = offsets.shape[0] - 1
+    if backend == "cutlass":
+        return _cutlass(_GRAD_WEIGHT, dy, a, dy.new_empty((groups, dy.shape[1], a.shape[1])), offsets)
     if backend == "triton":
         from . import triton_ffn
 
         return triton_ffn.weight_grad(dy, a, offsets)
     if backend == "grouped_mm":
         return torch._grouped_mm(dy.t(), a, offs=offsets[1:])
-    groups = offsets.shape[0] - 1
-    out = dy.new_zeros((groups, dy.shape[1], a.shape[1]))
+    out = dy.new_empty((groups, dy.shape[1], a.shape[1]))
     b = _bounds(offsets)
     for e in range(groups):
         if b[e + 1] > b[e]:
             torch.matmul(dy[b[e]:b[e + 1]].t(), a[b[e]:b[e + 1]], out=out[e])
+        else:
+            out[e].zero_()
     return out

@@ -6,10 +6,9 @@ import os
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_norm_close
+from conftest import HAS_CUDA, assert_layer_matches_reference, assert_norm_close
 
 from moepp_kernels import _C, MoEPPConfig, MoEPPLayer, grouped_gemm
-from moepp_kernels import reference as R
 from moepp_kernels._tensors import view
 
 FORWARD, GRAD_INPUT, GRAD_WEIGHT = 0, 1, 2
@@ -89,12 +88,4 @@ def test_layer_with_the_cutlass_backend(tokens):
     torch.manual_seed(0)
     layer = MoEPPLayer(cfg, has_residual=False, dtype=torch.bfloat16, device="cuda", gemm_backend="cutlass")
     x = torch.randn(tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out, _ = layer(x)
-    params = R.MoEPPParams(up=layer.up, down=layer.down, const_gate=layer.const_gate, const_value=layer.const_value,
-                           gate_weight=layer.router.gate_weight)
-    ref, _ = R.moepp_layer(x, params, cfg)
-    assert_norm_close(out, ref, torch.bfloat16, "out")
-    ours = torch.autograd.grad(out.float().square().sum(), (x, layer.up, layer.down))
-    theirs = torch.autograd.grad(ref.float().square().sum(), (x, layer.up, layer.down))
-    for n, a, b in zip(("x", "up", "down"), ours, theirs):
-        assert_norm_close(a, b, torch.bfloat16, n)
+    assert_layer_matches_reference(layer, x, torch.bfloat16)

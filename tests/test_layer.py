@@ -3,7 +3,7 @@ CUDA when there is a GPU)."""
 
 import pytest
 import torch
-from conftest import DEVICES, assert_norm_close
+from conftest import DEVICES, assert_norm_close, reference_params
 
 from moepp_kernels import MoEPPConfig, MoEPPLayer, load_balance_loss, moepp_layer
 from moepp_kernels import reference as R
@@ -33,14 +33,6 @@ def make_layer(cfg, dtype=torch.float32, device="cpu", residual=True, seed=0):
         if cfg.selection_bias:
             layer.router.selection_bias.normal_(std=0.05)
     return layer
-
-
-def reference_params(layer):
-    r = layer.router
-    return R.MoEPPParams(up=layer.up, down=layer.down, const_gate=layer.const_gate, const_value=layer.const_value,
-                         gate_weight=getattr(r, "gate_weight", None), gate_w1=getattr(r, "gate_w1", None),
-                         gate_w2=getattr(r, "gate_w2", None), residual_weight=r.residual_weight,
-                         selection_bias=r.selection_bias)
 
 
 def run_both(layer, x, prev, seed=1):

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_norm_close
+from conftest import HAS_CUDA, assert_layer_matches_reference
 
 triton = pytest.importorskip("triton")
 
 from moepp_kernels import MoEPPConfig, MoEPPLayer, triton_ffn  # noqa: E402
-from moepp_kernels import reference as R  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -103,16 +102,7 @@ def test_layer_bf16_on_the_gpu(name, tokens):
     torch.manual_seed(0)
     layer = MoEPPLayer(cfg, has_residual=False, dtype=torch.bfloat16, device="cuda", gemm_backend="triton")
     x = torch.randn(tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    out, _ = layer(x)
-    r = layer.router
-    params = R.MoEPPParams(up=layer.up, down=layer.down, const_gate=layer.const_gate, const_value=layer.const_value,
-                           gate_weight=r.gate_weight, selection_bias=r.selection_bias)
-    ref, _ = R.moepp_layer(x, params, cfg)
-    assert_norm_close(out, ref, torch.bfloat16, "out")
-    ours = torch.autograd.grad(out.float().square().sum(), (x, layer.up, layer.down))
-    theirs = torch.autograd.grad(ref.float().square().sum(), (x, layer.up, layer.down))
-    for n, a, b in zip(("x", "up", "down"), ours, theirs):
-        assert_norm_close(a, b, torch.bfloat16, n)
+    assert_layer_matches_reference(layer, x, torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -9,7 +9,7 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton.py"
 
-from conftest import assert_norm_close  # noqa: E402
+from conftest import assert_layer_matches_reference, assert_norm_close  # noqa: E402
 
 from moepp_kernels import MoEPPConfig, MoEPPLayer, build_plan, expert_ffn, triton_ffn  # noqa: E402
 from moepp_kernels import reference as R  # noqa: E402
@@ -77,12 +77,4 @@ def test_layer_with_the_triton_backend():
     torch.manual_seed(0)
     layer = MoEPPLayer(cfg, dtype=torch.float32, gemm_backend="triton")
     x = torch.randn(19, 32, requires_grad=True)
-    out, logits = layer(x)
-    params = R.MoEPPParams(up=layer.up, down=layer.down, const_gate=layer.const_gate, const_value=layer.const_value,
-                           gate_weight=layer.router.gate_weight)
-    ref, _ = R.moepp_layer(x, params, cfg)
-    assert_norm_close(out, ref, torch.float32, "out")
-    ours = torch.autograd.grad(out.square().sum(), (x, layer.up))
-    theirs = torch.autograd.grad(ref.square().sum(), (x, layer.up))
-    for a, b in zip(ours, theirs):
-        assert_norm_close(a, b, torch.float32, "grad")
+    assert_layer_matches_reference(layer, x, torch.float32)

@@ -6,29 +6,26 @@
 
 #include <cstdint>
 
-namespace moepp::gemm::sm90 {
-
 #define MOEPP_CUTLASS_FAMILY(NAME)                                                                            \
   int64_t NAME##_workspace(int groups, int device);                                                           \
   void NAME##_run(bool small, int groups, const int32_t* offsets, int32_t n, int32_t k, const void* a,         \
                   const void* b, void* d, char* workspace, int device, cudaStream_t stream);
-MOEPP_CUTLASS_FAMILY(forward_bf16)
-MOEPP_CUTLASS_FAMILY(forward_fp16)
-MOEPP_CUTLASS_FAMILY(grad_input_bf16)
-MOEPP_CUTLASS_FAMILY(grad_input_fp16)
-MOEPP_CUTLASS_FAMILY(grad_weight_bf16)
-MOEPP_CUTLASS_FAMILY(grad_weight_fp16)
+#define MOEPP_CUTLASS_FAMILIES      \
+  MOEPP_CUTLASS_FAMILY(forward_bf16)     \
+  MOEPP_CUTLASS_FAMILY(forward_fp16)     \
+  MOEPP_CUTLASS_FAMILY(grad_input_bf16)  \
+  MOEPP_CUTLASS_FAMILY(grad_input_fp16)  \
+  MOEPP_CUTLASS_FAMILY(grad_weight_bf16) \
+  MOEPP_CUTLASS_FAMILY(grad_weight_fp16)
 
+namespace moepp::gemm::sm90 {
+MOEPP_CUTLASS_FAMILIES
 }  // namespace moepp::gemm::sm90
 
 namespace moepp::gemm::sm80 {
-MOEPP_CUTLASS_FAMILY(forward_bf16)
-MOEPP_CUTLASS_FAMILY(forward_fp16)
-MOEPP_CUTLASS_FAMILY(grad_input_bf16)
-MOEPP_CUTLASS_FAMILY(grad_input_fp16)
-MOEPP_CUTLASS_FAMILY(grad_weight_bf16)
-MOEPP_CUTLASS_FAMILY(grad_weight_fp16)
+MOEPP_CUTLASS_FAMILIES
 }  // namespace moepp::gemm::sm80
+#undef MOEPP_CUTLASS_FAMILIES
 #undef MOEPP_CUTLASS_FAMILY
 
 // Defines one family's two functions in its translation unit (ARCH: sm90 or sm80).

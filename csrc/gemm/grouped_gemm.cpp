@@ -54,41 +54,25 @@ void grouped_gemm(Product product, const TensorView& a, const TensorView& b, con
   check_view(offsets, "offsets", DType::kInt32, {groups + 1}, DeviceType::kCUDA, dev);
   CudaCall c{product, a.dtype, groups, rows, 0, 0, offsets.ptr<int32_t>(), a.data, b.data, d.data,
              workspace.ptr<char>(), dev, stream};
-  switch (product) {
-    case Product::kForward: {  // a [R, K], b [G, N, K] -> d [R, N]
-      const int64_t n = b.shape[1], k = b.shape[2];
-      check_view(a, "a", a.dtype, {rows, k}, DeviceType::kCUDA, dev);
-      check_view(b, "b", a.dtype, {groups, n, k}, DeviceType::kCUDA, dev);
-      check_view(d, "out", a.dtype, {rows, n}, DeviceType::kCUDA, dev);
-      check_aligned(n, "N");
-      check_aligned(k, "K");
-      c.n = static_cast<int32_t>(n);
-      c.k = static_cast<int32_t>(k);
-      break;
-    }
-    case Product::kGradInput: {  // a = dy [R, N], b [G, N, K] -> d [R, K]
-      const int64_t n = b.shape[1], k = b.shape[2];
-      check_view(a, "grad_out", a.dtype, {rows, n}, DeviceType::kCUDA, dev);
-      check_view(b, "weight", a.dtype, {groups, n, k}, DeviceType::kCUDA, dev);
-      check_view(d, "grad_in", a.dtype, {rows, k}, DeviceType::kCUDA, dev);
-      check_aligned(n, "N");
-      check_aligned(k, "K");
-      c.n = static_cast<int32_t>(k);
-      c.k = static_cast<int32_t>(n);
-      break;
-    }
-    default: {  // a = dy [R, N], b = x [R, K] -> d [G, N, K]
-      const int64_t n = a.shape[1], k = b.shape[1];
-      check_view(a, "grad_out", a.dtype, {rows, n}, DeviceType::kCUDA, dev);
-      check_view(b, "x", a.dtype, {rows, k}, DeviceType::kCUDA, dev);
-      check_view(d, "grad_weight", a.dtype, {groups, n, k}, DeviceType::kCUDA, dev);
-      check_aligned(n, "N");
-      check_aligned(k, "K");
-      c.n = static_cast<int32_t>(n);
-      c.k = static_cast<int32_t>(k);
-      break;
-    }
+  if (product == Product::kGradWeight) {  // a = dy [R, N], b = x [R, K] -> d [G, N, K]
+    const int64_t n = a.shape[1], k = b.shape[1];
+    check_view(a, "grad_out", a.dtype, {rows, n}, DeviceType::kCUDA, dev);
+    check_view(b, "x", a.dtype, {rows, k}, DeviceType::kCUDA, dev);
+    check_view(d, "grad_weight", a.dtype, {groups, n, k}, DeviceType::kCUDA, dev);
+    c.n = static_cast<int32_t>(n);
+    c.k = static_cast<int32_t>(k);
+  } else {  // forward: a [R, K] -> d [R, N]; grad_input: a = dy [R, N] -> d [R, K]; b = W [G, N, K]
+    const bool forward = product == Product::kForward;
+    const int64_t n = b.shape[1], k = b.shape[2];
+    const int64_t in = forward ? k : n, out = forward ? n : k;
+    check_view(a, forward ? "a" : "grad_out", a.dtype, {rows, in}, DeviceType::kCUDA, dev);
+    check_view(b, "weight", a.dtype, {groups, n, k}, DeviceType::kCUDA, dev);
+    check_view(d, forward ? "out" : "grad_in", a.dtype, {rows, out}, DeviceType::kCUDA, dev);
+    c.n = static_cast<int32_t>(out);  // group_problem(): (output columns, reduction)
+    c.k = static_cast<int32_t>(in);
   }
+  check_aligned(c.n, "N");
+  check_aligned(c.k, "K");
   if (groups == 0) return;
   if (workspace.ndim != 1) throw_invalid("workspace", "expected a 1-D uint8 buffer");
   check_view(workspace, "workspace", DType::kUInt8, {workspace.shape[0]}, DeviceType::kCUDA, dev);

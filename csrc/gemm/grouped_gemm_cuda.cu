@@ -1,6 +1,7 @@
 // Picks the CUTLASS family for (architecture, product, dtype) and, on sm90, the
 // tile configuration for the shape: the small-M (decode) tile when experts
 // average <= 64 rows.
+#include <algorithm>
 #include <string>
 
 #include "../cuda/cuda_utils.h"
@@ -51,6 +52,17 @@ auto by_family(Product product, DType dtype, int device, F&& f) {
                            std::to_string(major) + ".x (MOEPP_CUDA_ARCHS)");
 }
 
+// An expert without rows has an empty weight-gradient sum: its slice of dW is
+// zeroed here, so no kernel has to be trusted with an empty reduction and the
+// other experts' slices are written once, by the GEMM.
+__global__ void zero_empty_groups(const int32_t* offsets, int64_t group_elems, uint16_t* d) {
+  const int g = blockIdx.y;
+  if (offsets[g + 1] != offsets[g]) return;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < group_elems; i += int64_t(gridDim.x) * blockDim.x) {
+    d[g * group_elems + i] = 0;
+  }
+}
+
 }  // namespace
 
 int64_t workspace_bytes_cuda(Product product, DType dtype, int groups, int device) {
@@ -61,6 +73,12 @@ int64_t workspace_bytes_cuda(Product product, DType dtype, int groups, int devic
 void grouped_gemm_cuda(const CudaCall& c) {
   cuda::DeviceGuard guard(c.device);
   const bool small = c.product != Product::kGradWeight && c.rows <= 64 * int64_t(c.groups);
+  if (c.product == Product::kGradWeight) {  // bf16 / fp16: 16-bit elements
+    const int64_t elems = int64_t(c.n) * c.k;
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((elems + 255) / 256, 1024)), c.groups);
+    zero_empty_groups<<<grid, 256, 0, cuda::as_stream(c.stream)>>>(c.offsets, elems, static_cast<uint16_t*>(c.d));
+    cuda::check(cudaGetLastError(), "zero_empty_groups");
+  }
   by_family(c.product, c.dtype, c.device, [&](auto, auto run) {
     run(small, c.groups, c.offsets, c.n, c.k, c.a, c.b, c.d, c.workspace, c.device, cuda::as_stream(c.stream));
     return 0;
