@@ -13,13 +13,15 @@ from moepp_kernels import reference as R
 
 # (preset, tokens, devices it runs on): 0.6B at T = 4096 everywhere, 7B at T = 16384 on a GPU.
 CASES = [("0.6b", 4096, ("cpu", "cuda")), ("7b", 16384, ("cuda",))]
+# Layer dtypes per device: bf16 on the GPU; on the CPU fp32 and bf16 (the layer's default).
+DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}
 QUICK_TOKENS = 256
 PRESETS = {"0.6b": MoEPPConfig.moepp_0_6b, "7b": MoEPPConfig.moepp_7b}
 
 
-def setup_layer(preset: str, tokens: int, device: str):
+def setup_layer(preset: str, tokens: int, device: str, dtype: torch.dtype | None = None):
     cfg = PRESETS[preset]()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     torch.manual_seed(0)
     layer = MoEPPLayer(cfg, has_residual=True, dtype=dtype, device=device)
     with torch.no_grad():
@@ -35,26 +37,31 @@ def reference_params(layer: MoEPPLayer) -> R.MoEPPParams:
                          gate_weight=r.gate_weight, residual_weight=r.residual_weight)
 
 
-def cases() -> list:
+def cases(with_dtypes: bool = False) -> list:
     out = []
     for preset, tokens, where in CASES:
         for device in where:
             marks = [pytest.mark.skipif(not HAS_GPU, reason="no GPU")] if device == "cuda" else []
-            out.append(pytest.param(preset, tokens, device, id=f"{preset}-T{tokens}-{device}", marks=marks))
+            name = f"{preset}-T{tokens}-{device}"
+            if not with_dtypes:
+                out.append(pytest.param(preset, tokens, device, id=name, marks=marks))
+                continue
+            for dtype in DTYPES[device]:
+                out.append(pytest.param(preset, tokens, device, dtype, id=f"{name}-{str(dtype)[6:]}", marks=marks))
     return out
 
 
-@pytest.mark.parametrize("preset, tokens, device", list(cases()))
+@pytest.mark.parametrize("preset, tokens, device, dtype", cases(with_dtypes=True))
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("impl", ["fused", "fused_triton", "fused_cutlass", "reference"])
-def bench_layer(measure, quick, preset, tokens, device, mode, impl):
+def bench_layer(measure, quick, preset, tokens, device, dtype, mode, impl):
     backend = {"fused_triton": "triton", "fused_cutlass": "cutlass"}.get(impl, "auto")
     try:
-        grouped_gemm.resolve_backend(backend, torch.device(device), torch.bfloat16)
+        grouped_gemm.resolve_backend(backend, torch.device(device), dtype)
     except ValueError as exc:
         pytest.skip(str(exc))
     tokens = QUICK_TOKENS if quick else tokens
-    cfg, layer, x, prev = setup_layer(preset, tokens, device)
+    cfg, layer, x, prev = setup_layer(preset, tokens, device, dtype)
     params = reference_params(layer)
     layer.gemm_backend = backend
     run = (lambda: layer(x, prev)) if impl.startswith("fused") else (lambda: R.moepp_layer(x, params, cfg, prev))
@@ -68,10 +75,10 @@ def bench_layer(measure, quick, preset, tokens, device, mode, impl):
         def fn():
             out, logits = run()
             (out.float().square().sum() + logits.sum()).backward()
-    measure(f"layer {device} {preset} T={tokens} {mode}", impl, device, fn)
+    measure(f"layer {device} {preset} T={tokens} {str(dtype)[6:]} {mode}", impl, device, fn)
 
 
-@pytest.mark.parametrize("preset, tokens, device", list(cases()))
+@pytest.mark.parametrize("preset, tokens, device", cases())
 @pytest.mark.parametrize("part", ["layer", "router", "plan", "combine"])
 def bench_layer_parts(measure, quick, preset, tokens, device, part):
     tokens = QUICK_TOKENS if quick else tokens

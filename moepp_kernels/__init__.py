@@ -1,5 +1,7 @@
 """moepp_kernels: fused kernels for MoE++ layers (zero, copy and constant experts)."""
 
+import torch  # noqa: F401  (first: _C then binds to torch's OpenMP runtime, see csrc/parallel.h)
+
 from . import reference
 from ._C import built_with_cuda
 from .checkpoint import replace_moepp_layers

@@ -55,3 +55,22 @@ def test_module_imports_without_torch():
 
 def test_package_version():
     assert moepp_kernels.__version__
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+def test_cpu_kernels_share_torchs_openmp_runtime(tmp_path):
+    """Where torch ships libgomp.so.1, the module binds to that copy (one thread pool for
+    torch's ops and ours, csrc/parallel.h), not to a second OpenMP runtime."""
+    import torch
+
+    torch_gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    needed = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True).stdout
+    if not torch_gomp.exists() or "libgomp.so.1" not in needed:
+        pytest.skip("this torch renames its libgomp, or the module was built without OpenMP")
+    code = ("import moepp_kernels, re\n"
+            "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if re.search(r'/libgomp[^/]*$', l)}))")
+    package_root = str(Path(moepp_kernels.__file__).parents[1])
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {package_root!r})\n" + code],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == repr([str(torch_gomp.resolve())]), result.stdout

@@ -1,7 +1,9 @@
 #include "combine.h"
 
+#include <algorithm>
 #include <vector>
 
+#include "../cpu_rows.h"
 #include "../dispatch.h"
 #include "../parallel.h"
 
@@ -11,21 +13,25 @@ namespace {
 constexpr int64_t kTokensPerWorker = 32;
 }
 
+// One token at a time: the sum of spec "Combine" as a sequence of whole-row passes in fp32,
+// each term in the order the CUDA kernel adds it.
 template <typename T>
 void combine_cpu(const CombineArgs<T>& a, int num_threads) {
   parallel_for(a.tokens, choose_workers(a.tokens, num_threads, kTokensPerWorker), [&](int, int64_t begin, int64_t end) {
+    std::vector<float> acc(a.dim);
     for (int64_t t = begin; t < end; ++t) {
       const TokenMix m = analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k,
                                        a.mix + t * 2 * a.n_constant);
-      const T* x = a.x + t * a.dim;
-      for (int64_t d = 0; d < a.dim; ++d) {
-        float acc = m.uses_x() ? m.x_coef * (a.scale * to_float(x[d])) : 0.0f;
-        for (int i = 0; i < m.n_const; ++i) {
-          acc += m.const_w[i] * m.a2[i] * to_float(a.const_value[m.const_id[i] * a.dim + d]);
-        }
-        for (int f = 0; f < m.n_rows; ++f) acc += m.row_w[f] * to_float(a.y[int64_t(m.row[f]) * a.dim + d]);
-        a.out[t * a.dim + d] = from_float<T>(acc);
+      if (m.uses_x()) {
+        rows::scale(a.x + t * a.dim, m.x_coef, a.scale, a.dim, acc.data());
+      } else {
+        std::fill(acc.begin(), acc.end(), 0.0f);
       }
+      for (int i = 0; i < m.n_const; ++i) {
+        rows::add_scaled(a.const_value + m.const_id[i] * a.dim, m.const_w[i] * m.a2[i], a.dim, acc.data());
+      }
+      for (int f = 0; f < m.n_rows; ++f) rows::add_scaled(a.y + int64_t(m.row[f]) * a.dim, m.row_w[f], a.dim, acc.data());
+      rows::scale(acc.data(), 1.0f, 1.0f, a.dim, a.out + t * a.dim);
     }
   });
 }
@@ -34,24 +40,19 @@ template <typename T>
 void combine_backward_cpu(const CombineArgs<T>& a, int num_threads) {
   parallel_for(a.tokens, choose_workers(a.tokens, num_threads, kTokensPerWorker), [&](int, int64_t begin, int64_t end) {
     float dot_v[kMaxSlots], dot_y[kMaxSlots];
+    std::vector<float> g(a.dim);
     for (int64_t t = begin; t < end; ++t) {
       const TokenMix m = analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k,
                                        a.mix + t * 2 * a.n_constant);
-      const T* x = a.x + t * a.dim;
-      const T* dout = a.dout + t * a.dim;
-      float dot_x = 0.0f;
-      for (int i = 0; i < m.n_const; ++i) dot_v[i] = 0.0f;
-      for (int f = 0; f < m.n_rows; ++f) dot_y[f] = 0.0f;
-      for (int64_t d = 0; d < a.dim; ++d) {
-        const float g = to_float(dout[d]);
-        if (m.uses_x()) dot_x += g * (a.scale * to_float(x[d]));
-        for (int i = 0; i < m.n_const; ++i) dot_v[i] += g * to_float(a.const_value[m.const_id[i] * a.dim + d]);
-        for (int f = 0; f < m.n_rows; ++f) {
-          dot_y[f] += g * to_float(a.y[int64_t(m.row[f]) * a.dim + d]);
-          a.dy[int64_t(m.row[f]) * a.dim + d] = from_float<T>(m.row_w[f] * g);
-        }
-        a.dx[t * a.dim + d] = from_float<T>(a.scale * m.x_coef * g);
+      rows::scale(a.dout + t * a.dim, 1.0f, 1.0f, a.dim, g.data());
+      const float dot_x = m.uses_x() ? a.scale * rows::dot(g.data(), a.x + t * a.dim, a.dim) : 0.0f;
+      for (int i = 0; i < m.n_const; ++i) dot_v[i] = rows::dot(g.data(), a.const_value + m.const_id[i] * a.dim, a.dim);
+      for (int f = 0; f < m.n_rows; ++f) {
+        const int64_t row = int64_t(m.row[f]) * a.dim;
+        dot_y[f] = rows::dot(g.data(), a.y + row, a.dim);
+        rows::scale(g.data(), m.row_w[f], 1.0f, a.dim, a.dy + row);
       }
+      rows::scale(g.data(), a.scale * m.x_coef, 1.0f, a.dim, a.dx + t * a.dim);
       token_gradients(m, a.k, a.n_constant, dot_x, dot_v, dot_y, a.dweights + t * a.k, a.dmix + t * 2 * a.n_constant,
                       a.v_coef + t * a.n_constant);
     }

@@ -1,5 +1,9 @@
 #include "ffn_pointwise.h"
 
+#include <algorithm>
+#include <vector>
+
+#include "../cpu_rows.h"
 #include "../dispatch.h"
 #include "../parallel.h"
 #include "ffn_math.h"
@@ -15,6 +19,24 @@ int64_t total_rows_cpu(const int32_t* total, int64_t rows) {
   return m < 0 ? 0 : (m > rows ? rows : m);
 }
 
+// The SwiGLU row loops (see cpu_rows.h for why they look like this).
+template <typename T>
+MOEPP_CPU_CLONES void swiglu_row(const T* __restrict h, int64_t inner, T* __restrict out) {
+  for (int64_t i = 0; i < inner; ++i) out[i] = from_float<T>(swiglu(to_float(h[i]), to_float(h[inner + i])));
+}
+
+template <typename T>
+MOEPP_CPU_CLONES void swiglu_backward_row(const T* __restrict h, const T* __restrict da, int64_t inner,
+                                          T* __restrict dh, T* __restrict out) {
+  for (int64_t i = 0; i < inner; ++i) {
+    float act, dgate, dup;
+    swiglu_backward(to_float(h[i]), to_float(h[inner + i]), to_float(da[i]), &act, &dgate, &dup);
+    out[i] = from_float<T>(act);
+    dh[i] = from_float<T>(dgate);
+    dh[inner + i] = from_float<T>(dup);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -22,9 +44,8 @@ void gather_rows_cpu(const GatherArgs<T>& a, int num_threads) {
   const int64_t m = total_rows_cpu(a.total_rows, a.rows);
   parallel_for(m, choose_workers(m, num_threads, kRowsPerWorker), [&](int, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* src = a.x + static_cast<int64_t>(a.row_src[r] / a.top_k) * a.dim;
-      T* dst = a.out + r * a.dim;
-      for (int64_t d = 0; d < a.dim; ++d) dst[d] = from_float<T>(a.scale * to_float(src[d]));
+      rows::scale(a.x + static_cast<int64_t>(a.row_src[r] / a.top_k) * a.dim, 1.0f, a.scale, a.dim,
+                  a.out + r * a.dim);
     }
   });
 }
@@ -32,21 +53,13 @@ void gather_rows_cpu(const GatherArgs<T>& a, int num_threads) {
 template <typename T>
 void swiglu_cpu(const SwigluArgs<T>& a, int num_threads) {
   const int64_t m = total_rows_cpu(a.total_rows, a.rows);
+  const int64_t inner = a.inner;
   parallel_for(m, choose_workers(m, num_threads, kRowsPerWorker), [&](int, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* h = a.h + r * 2 * a.inner;
-      for (int64_t i = 0; i < a.inner; ++i) {
-        const float gate = to_float(h[i]);
-        const float up = to_float(h[a.inner + i]);
-        if (a.da == nullptr) {
-          a.a[r * a.inner + i] = from_float<T>(swiglu(gate, up));
-        } else {
-          float act, dgate, dup;
-          swiglu_backward(gate, up, to_float(a.da[r * a.inner + i]), &act, &dgate, &dup);
-          a.a[r * a.inner + i] = from_float<T>(act);
-          a.dh[r * 2 * a.inner + i] = from_float<T>(dgate);
-          a.dh[r * 2 * a.inner + a.inner + i] = from_float<T>(dup);
-        }
+      if (a.da == nullptr) {
+        swiglu_row(a.h + r * 2 * inner, inner, a.a + r * inner);
+      } else {
+        swiglu_backward_row(a.h + r * 2 * inner, a.da + r * inner, inner, a.dh + r * 2 * inner, a.a + r * inner);
       }
     }
   });
@@ -55,16 +68,14 @@ void swiglu_cpu(const SwigluArgs<T>& a, int num_threads) {
 template <typename T>
 void row_sum_cpu(const RowSumArgs<T>& a, int num_threads) {
   parallel_for(a.tokens, choose_workers(a.tokens, num_threads, kRowsPerWorker), [&](int, int64_t begin, int64_t end) {
+    std::vector<float> acc(a.dim);
     for (int64_t t = begin; t < end; ++t) {
-      T* dst = a.out + t * a.dim;
-      for (int64_t d = 0; d < a.dim; ++d) {
-        float acc = 0.0f;
-        for (int j = 0; j < a.top_k; ++j) {
-          const int32_t row = a.slot_row[t * a.top_k + j];
-          if (row >= 0) acc += to_float(a.src[static_cast<int64_t>(row) * a.dim + d]);
-        }
-        dst[d] = from_float<T>(a.scale * acc);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int j = 0; j < a.top_k; ++j) {
+        const int32_t row = a.slot_row[t * a.top_k + j];
+        if (row >= 0) rows::add_scaled(a.src + static_cast<int64_t>(row) * a.dim, 1.0f, a.dim, acc.data());
       }
+      rows::scale(acc.data(), 1.0f, a.scale, a.dim, a.out + t * a.dim);
     }
   });
 }
@@ -75,7 +86,8 @@ void gather_rows(const TensorView& x, const TensorView& row_src, const TensorVie
   if (top_k < 1) throw_invalid("top_k", "must be >= 1");
   const DeviceType dev = x.device;
   const int32_t idx = x.device_index;
-  const int64_t rows = x.shape[0] * top_k;
+  if (row_src.ndim != 1) throw_invalid("row_src", "expected shape [rows]");
+  const int64_t rows = row_src.shape[0];  // the plan's T * k, or one expert's slice of it
   check_view(row_src, "row_src", DType::kInt32, {rows}, dev, idx);
   if (offsets.ndim != 1 || offsets.shape[0] < 1) throw_invalid("offsets", "expected shape [n_ffn + 1]");
   check_view(offsets, "offsets", DType::kInt32, {offsets.shape[0]}, dev, idx);
