@@ -1,6 +1,8 @@
 """MoE++ layer benchmark: the fused layer vs the plain-PyTorch reference
-(per-expert loop), forward and forward+backward, side by side; and the router,
-permutation plan and combine epilogue as shares of the layer's forward."""
+(per-expert loop), forward and forward+backward, side by side, with the time of
+the experts' GEMMs alone (the floor under both, which bounds any speedup); and
+the router, permutation plan and combine epilogue as shares of the layer's
+forward."""
 
 from __future__ import annotations
 
@@ -51,10 +53,46 @@ def cases(with_dtypes: bool = False) -> list:
     return out
 
 
+def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backward: bool):
+    """Only the FFN experts' per-expert GEMMs of the layer (2 per expert, 6 with the
+    backward) on preallocated operands: the time both the fused layer and the
+    reference spend in the same matmuls, i.e. the floor under either of them."""
+    cfg = layer.config
+    with torch.no_grad():
+        route = fused_router(layer.router.gate_logits(x), cfg, prev_logits=prev,
+                             residual_weight=layer.router.residual_weight)
+        bounds = build_plan(route.topk_ids, cfg.n_ffn).offsets.tolist()
+    up, down = layer.up.detach(), layer.down.detach()
+    rows, d, i = bounds[-1], cfg.hidden_size, cfg.ffn_size
+    xg, h, y = x.new_empty(rows, d).normal_(), x.new_empty(rows, 2 * i), x.new_empty(rows, d)
+    act = x.new_empty(rows, i)
+    dx, dup, ddown = torch.empty_like(xg), torch.empty_like(up), torch.empty_like(down)
+
+    def run():
+        for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            if hi == lo:
+                continue
+            torch.matmul(xg[lo:hi], up[e].t(), out=h[lo:hi])
+            a, dh = act[lo:hi], h[lo:hi]  # stand-ins of the same shapes
+            torch.matmul(a, down[e].t(), out=y[lo:hi])
+            if backward:
+                torch.matmul(y[lo:hi], down[e], out=a)
+                torch.matmul(y[lo:hi].t(), a, out=ddown[e])
+                torch.matmul(dh.t(), xg[lo:hi], out=dup[e])
+                torch.matmul(dh, up[e], out=dx[lo:hi])
+    return run
+
+
 @pytest.mark.parametrize("preset, tokens, device, dtype", cases(with_dtypes=True))
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-@pytest.mark.parametrize("impl", ["fused", "fused_triton", "fused_cutlass", "reference"])
+@pytest.mark.parametrize("impl", ["fused", "fused_triton", "fused_cutlass", "reference", "gemm_floor"])
 def bench_layer(measure, quick, preset, tokens, device, dtype, mode, impl):
+    if impl == "gemm_floor":
+        tokens = QUICK_TOKENS if quick else tokens
+        _, layer, x, prev = setup_layer(preset, tokens, device, dtype)
+        measure(f"layer {device} {preset} T={tokens} {str(dtype)[6:]} {mode}", impl, device,
+                expert_gemms(layer, x, prev, backward=mode == "forward_backward"))
+        return
     backend = {"fused_triton": "triton", "fused_cutlass": "cutlass"}.get(impl, "auto")
     try:
         grouped_gemm.resolve_backend(backend, torch.device(device), dtype)

@@ -97,6 +97,8 @@ def _derived(impls: dict) -> dict:
     ms = {k: v["median_ms"] for k, v in impls.items()}
     if "fused" in ms and "reference" in ms:
         out["speedup"] = ms["reference"] / ms["fused"]
+        if "gemm_floor" in ms:  # the reference over its own GEMMs: no layer can beat that ratio
+            out["speedup_bound"] = ms["reference"] / ms["gemm_floor"]
     for backend in ("triton", "cutlass"):
         if f"fused_{backend}" in ms and "reference" in ms:
             out[f"speedup_{backend}"] = ms["reference"] / ms[f"fused_{backend}"]

@@ -67,6 +67,8 @@ def render(summary: dict) -> str:
                       "the reference" + peak(c, "reference")
                       + "".join(f"; {b} backend {c[f'speedup_{b}']:.2f}x{peak(c, f'fused_{b}')}"
                                 for b in ("triton", "cutlass") if f"speedup_{b}" in c)
+                      + (f"; the experts' GEMMs alone bound any speedup at {c['speedup_bound']:.2f}x"
+                         if "speedup_bound" in c else "")
                       if "speedup" in c else
                       "router + plan + combine = "
                       f"{100 * c['share_of_layer']['router+plan+combine']:.1f}% of the layer forward")))
