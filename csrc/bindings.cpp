@@ -133,6 +133,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("m", &gm::GroupProblem::m)
       .def_readonly("n", &gm::GroupProblem::n)
       .def_readonly("k", &gm::GroupProblem::k)
+      .def_readonly("m_extent", &gm::GroupProblem::m_extent)
       .def_readonly("a_offset", &gm::GroupProblem::a_offset)
       .def_readonly("b_offset", &gm::GroupProblem::b_offset)
       .def_readonly("d_offset", &gm::GroupProblem::d_offset);

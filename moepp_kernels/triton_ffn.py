@@ -150,7 +150,7 @@ def grouped_mm_kernel(
     total_tiles, row_begin, row_end, e = _locate_tile(offsets_ptr, pid_m, groups, BLOCK_M, GROUPS_P2)
     if pid_m >= total_tiles:
         return
-    rows, row_ok, src = _row_block(row_src_ptr, row_begin, row_end, GATHER, TOP_K, BLOCK_M)
+    _, row_ok, src = _row_block(row_src_ptr, row_begin, row_end, GATHER, TOP_K, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -172,10 +172,14 @@ def grouped_mm_kernel(
         acc = acc * scale
         acc_up = acc_up * scale
     mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
+    # Output addresses: one int64 base per matrix at the tile's first row, int32 offsets within
+    # the tile (full-tile int64 pointers cost registers the SwiGLU epilogues do not have).
+    first_row = row_begin.to(tl.int64)
+    tile_rows = tl.arange(0, BLOCK_M)[:, None]
+    c_tile = c_ptr + first_row * stride_cm + tile_rows * stride_cm + cols[None, :]
     out_ty = c_ptr.dtype.element_ty
     if EPILOGUE == 0:
-        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], acc.to(out_ty), mask=mask)
+        tl.store(c_tile, acc.to(out_ty), mask=mask)
     elif EPILOGUE == 1:
         gate = acc
         up = acc_up
@@ -183,21 +187,21 @@ def grouped_mm_kernel(
             gate = acc.to(out_ty).to(tl.float32)
             up = acc_up.to(out_ty).to(tl.float32)
         act = gate * tl.sigmoid(gate) * up
-        tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :], act.to(out_ty), mask=mask)
+        tl.store(c_tile, act.to(out_ty), mask=mask)
         if STORE_H:
-            h_row = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
-            tl.store(h_row, gate.to(out_ty), mask=mask)
-            tl.store(h_row + N, up.to(out_ty), mask=mask)
+            h_tile = h_ptr + first_row * stride_hm + tile_rows * stride_hm + cols[None, :]
+            tl.store(h_tile, gate.to(out_ty), mask=mask)
+            tl.store(h_tile + N, up.to(out_ty), mask=mask)
     else:
-        h_row = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
-        gate = tl.load(h_row, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_row + N, mask=mask, other=0.0).to(tl.float32)
+        h_tile = h_ptr + first_row * stride_hm + tile_rows * stride_hm + cols[None, :]
+        gate = tl.load(h_tile, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_tile + N, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = gate * sig
-        c_row = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
-        tl.store(c_row, (acc * up * sig * (1.0 + gate * (1.0 - sig))).to(out_ty), mask=mask)
-        tl.store(c_row + N, (acc * silu).to(out_ty), mask=mask)
-        tl.store(act_ptr + rows64[:, None] * stride_actm + cols[None, :], (silu * up).to(out_ty), mask=mask)
+        tl.store(c_tile, (acc * up * sig * (1.0 + gate * (1.0 - sig))).to(out_ty), mask=mask)
+        tl.store(c_tile + N, (acc * silu).to(out_ty), mask=mask)
+        act_tile = act_ptr + first_row * stride_actm + tile_rows * stride_actm + cols[None, :]
+        tl.store(act_tile, (silu * up).to(out_ty), mask=mask)
 
 
 @triton.jit
@@ -249,7 +253,7 @@ def _launch_mm(a: Tensor, b: Tensor, c: Tensor, offsets: Tensor, n: int, k: int,
     if rows == 0 or groups == 0 or n == 0:
         return
     cfg = pick_config(a.device, rows, groups, epilogue)
-    num_pid_m = triton.cdiv(rows, cfg.block_m) + groups  # each expert adds at most one partial tile
+    num_pid_m = triton.cdiv(rows, cfg.block_m) + min(groups, rows)  # a partial tile per expert with rows
     grid = (num_pid_m * triton.cdiv(n, cfg.block_n),)
     dummy = c
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():

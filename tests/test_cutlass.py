@@ -27,15 +27,16 @@ def test_argument_filling(sizes):
     n, k = 24, 40
     for g, p in enumerate(_C.group_problems(FORWARD, view(offsets), n, k)):  # out rows = a rows · w_gᵀ
         first, rows = int(offsets[g]), sizes[g]
-        assert (p.m, p.n, p.k) == (rows, n, k)
+        assert (p.m, p.n, p.k, p.m_extent) == (rows, n, k, rows)
         assert (p.a_offset, p.b_offset, p.d_offset) == (first * k, g * n * k, first * n)
     for g, p in enumerate(_C.group_problems(GRAD_INPUT, view(offsets), k, n)):  # dx rows = dy rows · w_g
         first, rows = int(offsets[g]), sizes[g]
-        assert (p.m, p.n, p.k) == (rows, k, n)
+        assert (p.m, p.n, p.k, p.m_extent) == (rows, k, n, rows)
         assert (p.a_offset, p.b_offset, p.d_offset) == (first * n, g * n * k, first * k)
     for g, p in enumerate(_C.group_problems(GRAD_WEIGHT, view(offsets), n, k)):  # dw_g = dy_gᵀ · x_g
         first, rows = int(offsets[g]), sizes[g]
-        assert (p.m, p.n, p.k) == (n, k, rows)
+        # an expert without rows gets m = 0 (no tile scheduled; zero_empty_groups writes its zeros)
+        assert (p.m, p.n, p.k, p.m_extent) == (n if rows else 0, k, rows, n)
         assert (p.a_offset, p.b_offset, p.d_offset) == (first * n, first * k, g * n * k)
 
 

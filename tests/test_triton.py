@@ -1,7 +1,8 @@
 """The Triton backend: every kernel run under TRITON_INTERPRET=1 against the
 reference (in a subprocess: the interpreter is picked when the kernels are
 decorated), every kernel and tile config compiled ahead of time for sm_90a and
-sm_80 (so lowering errors surface without a GPU), and bf16 on a GPU."""
+sm_80, generically and as the launchers specialise them (so lowering errors
+surface without a GPU), and bf16 on a GPU."""
 
 import os
 import subprocess
@@ -89,6 +90,78 @@ def test_every_kernel_and_config_compiles_ahead_of_time(arch):
             assert k.asm["cubin"], f"{kernel.fn.__name__} {constexprs} {cfg}"
             compiled += 1
     assert compiled >= 10
+
+
+SHARED_MEMORY_OPT_IN = {90: 232448, 80: 166912}  # bytes per block: H100/H200, A100
+
+
+class _CompileInsteadOfLaunch:
+    """Stands in for a kernel's launcher: each launch is compiled for `arch` with the
+    specialisation Triton's runtime would give it (16-divisible pointers and sizes,
+    unit strides as constants, which turn on vectorised, pipelined loads), not run."""
+
+    def __init__(self, kernel, arch: int):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        self.kernel, self.arch = kernel, arch
+        self.target = GPUTarget("cuda", arch, 32)
+        self.backend = make_backend(self.target)
+        self.compiled = {}
+
+    def __getitem__(self, grid):
+        return self.compile
+
+    def compile(self, *args, **kwargs):
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import create_function_from_signature
+
+        k = self.kernel
+        bound, specialization, options = create_function_from_signature(k.signature, k.params, self.backend)(
+            *args, **kwargs)
+        options, signature, constexprs, attrs = k._pack_args(self.backend, kwargs, bound, specialization, options)
+        key = (str(signature), str(constexprs), str(attrs), str(options))
+        if key not in self.compiled:
+            self.compiled[key] = triton.compile(ASTSource(k, signature, constexprs, attrs), target=self.target,
+                                                options=options.__dict__)
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm_90a", "sm_80"])
+def test_kernels_compile_as_launched(arch, monkeypatch):
+    """Every launch of the backend's entry points, for both shape buckets, aligned and
+    odd sizes, compiled as the runtime would specialise it on a GPU; each fits the
+    architecture's shared memory."""
+    try:
+        from triton.runtime.jit import create_function_from_signature  # noqa: F401
+
+        triton_ffn.grouped_mm_kernel._pack_args  # noqa: B018
+    except (ImportError, AttributeError) as exc:
+        pytest.skip(f"this Triton has no launch specialisation to reuse ({exc})")
+    compilers = [_CompileInsteadOfLaunch(triton_ffn.grouped_mm_kernel, arch),
+                 _CompileInsteadOfLaunch(triton_ffn.grouped_wgrad_kernel, arch)]
+    monkeypatch.setattr(triton_ffn, "grouped_mm_kernel", compilers[0])
+    monkeypatch.setattr(triton_ffn, "grouped_wgrad_kernel", compilers[1])
+    monkeypatch.setattr(triton_ffn, "arch_of", lambda device: {90: "sm90", 80: "sm80"}[arch])
+    groups, top_k, dt = 16, 2, torch.bfloat16
+    for d, i in ((256, 384), (200, 136)):  # 16-divisible, and not
+        for tokens in (256, 2048):  # small bucket (<= 64 rows per expert), large
+            rows = tokens * top_k
+            x, row_src = torch.empty(tokens, d, dtype=dt), torch.zeros(rows, dtype=torch.int32)
+            up, down = torch.empty(groups, 2 * i, d, dtype=dt), torch.empty(groups, d, i, dtype=dt)
+            offsets = torch.zeros(groups + 1, dtype=torch.int32)
+            h, dy = torch.empty(rows, 2 * i, dtype=dt), torch.empty(rows, d, dtype=dt)
+            for store_h in (True, False):
+                triton_ffn.gate_up_swiglu(x, up, row_src, offsets, top_k, 2.0, store_h=store_h)
+            triton_ffn.linear(torch.empty(rows, i, dtype=dt), down, offsets)
+            triton_ffn.swiglu_grad_input(dy, down, h, offsets)
+            triton_ffn.linear_grad_input(h, up, offsets)
+            triton_ffn.weight_grad(dy, torch.empty(rows, i, dtype=dt), offsets)
+            triton_ffn.weight_grad(h, x, offsets, row_src, top_k, 2.0)
+    kernels = [k for c in compilers for k in c.compiled.values()]
+    assert len(kernels) >= 20
+    for k in kernels:
+        assert k.asm["cubin"]
+        assert k.metadata.shared <= SHARED_MEMORY_OPT_IN[arch], f"{k.metadata.name}: {k.metadata.shared} bytes"
 
 
 @pytest.mark.cuda

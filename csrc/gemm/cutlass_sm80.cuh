@@ -76,7 +76,7 @@ __global__ void fill_arguments(typename G::Arrays r, int groups, const int32_t* 
   r.a[g] = const_cast<Element*>(a) + p.a_offset;
   r.b[g] = const_cast<Element*>(b) + p.b_offset;
   r.d[g] = d + p.d_offset;
-  r.lda[g] = std::is_same_v<typename Layouts<P>::A, cutlass::layout::RowMajor> ? p.k : p.m;
+  r.lda[g] = std::is_same_v<typename Layouts<P>::A, cutlass::layout::RowMajor> ? p.k : p.m_extent;
   r.ldb[g] = std::is_same_v<typename Layouts<P>::B, cutlass::layout::ColumnMajor> ? p.k : p.n;
   r.ldd[g] = p.n;
 }

@@ -57,7 +57,6 @@ struct GroupedGemm {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
-  using StrideC = typename Kernel::InternalStrideC;
   using StrideD = typename Kernel::InternalStrideD;
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;
 
@@ -69,7 +68,6 @@ struct GroupedGemm {
     Element** d;
     StrideA* sa;
     StrideB* sb;
-    StrideC* sc;
     StrideD* sd;
     int64_t bytes;
   };
@@ -83,7 +81,6 @@ struct GroupedGemm {
     r.d = c.take<Element*>();
     r.sa = c.take<StrideA>();
     r.sb = c.take<StrideB>();
-    r.sc = c.take<StrideC>();
     r.sd = c.take<StrideD>();
     r.bytes = c.at;
     return r;
@@ -96,7 +93,9 @@ struct GroupedGemm {
     typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped,
                                   {groups, r.shapes, nullptr},
                                   {r.a, r.sa, r.b, r.sb},
-                                  {{}, nullptr, r.sc, r.d, r.sd},
+                                  // C = D (never read: beta is 0), so that the host builds the C TMA
+                                  // descriptor from a real address (a null one needs CUDA >= 12.6)
+                                  {{}, const_cast<const Element**>(r.d), r.sd, r.d, r.sd},
                                   hw};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
@@ -120,10 +119,9 @@ __global__ void fill_arguments(typename G::Arrays r, Product product, int groups
   r.a[g] = a + p.a_offset;
   r.b[g] = b + p.b_offset;
   r.d[g] = d + p.d_offset;
-  r.sa[g] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {p.m, p.k, 1});
+  r.sa[g] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {p.m_extent, p.k, 1});
   r.sb[g] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {p.n, p.k, 1});
-  r.sc[g] = cutlass::make_cute_packed_stride(typename G::StrideC{}, {p.m, p.n, 1});
-  r.sd[g] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {p.m, p.n, 1});
+  r.sd[g] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {p.m_extent, p.n, 1});
 }
 
 template <typename G>

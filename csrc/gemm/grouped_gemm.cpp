@@ -29,9 +29,16 @@ void check_dtype(DType dtype, const char* name) {
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) throw_invalid(name, "must be bfloat16 or float16");
 }
 
-// 16-byte rows for TMA.
-void check_aligned(int64_t extent, const char* name) {
-  if (extent % 8 != 0) throw_invalid(name, "extent " + std::to_string(extent) + " must be a multiple of 8 (16 bytes)");
+// 16-byte rows for TMA (sm90) and cp.async (sm80); no empty extent.
+void check_extent(int64_t extent, const char* name) {
+  if (extent <= 0 || extent % 8 != 0) {
+    throw_invalid(name, "extent " + std::to_string(extent) + " must be a positive multiple of 8 (16 bytes)");
+  }
+}
+
+// The operands' base addresses: every row then starts 16-byte aligned.
+void check_address(const TensorView& t, const char* name) {
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) throw_invalid(name, "must start at a 16-byte aligned address");
 }
 
 }  // namespace
@@ -48,7 +55,8 @@ void grouped_gemm(Product product, const TensorView& a, const TensorView& b, con
   if (a.device != DeviceType::kCUDA) throw_invalid("a", "the CUTLASS grouped GEMM runs on CUDA tensors");
   const int32_t dev = a.device_index;
   check_dtype(a.dtype, "a");
-  if (a.ndim != 2 || b.ndim < 2 || offsets.ndim != 1) throw_invalid("a", "expected 2-D rows and a 1-D plan offsets");
+  if (a.ndim != 2 || b.ndim < 2) throw_invalid("a", "expected 2-D rows and 2-D or 3-D b");
+  if (offsets.ndim != 1 || offsets.shape[0] < 1) throw_invalid("offsets", "expected shape [groups + 1]");
   const int groups = static_cast<int>(offsets.shape[0] - 1);
   const int64_t rows = a.shape[0];
   check_view(offsets, "offsets", DType::kInt32, {groups + 1}, DeviceType::kCUDA, dev);
@@ -71,8 +79,11 @@ void grouped_gemm(Product product, const TensorView& a, const TensorView& b, con
     c.n = static_cast<int32_t>(out);  // group_problem(): (output columns, reduction)
     c.k = static_cast<int32_t>(in);
   }
-  check_aligned(c.n, "N");
-  check_aligned(c.k, "K");
+  check_extent(c.n, "N");
+  check_extent(c.k, "K");
+  check_address(a, product == Product::kForward ? "a" : "grad_out");
+  check_address(b, product == Product::kGradWeight ? "x" : "weight");
+  check_address(d, product == Product::kForward ? "out" : product == Product::kGradInput ? "grad_in" : "grad_weight");
   if (groups == 0) return;
   if (workspace.ndim != 1) throw_invalid("workspace", "expected a 1-D uint8 buffer");
   check_view(workspace, "workspace", DType::kUInt8, {workspace.shape[0]}, DeviceType::kCUDA, dev);

@@ -18,8 +18,13 @@ namespace moepp::gemm {
 enum class Product : int32_t { kForward = 0, kGradInput = 1, kGradWeight = 2 };
 
 // One expert's problem (m, n, k) and where its operands start (in elements).
+// m_extent is the M its operands are laid out with (the leading dimension of a
+// column-major A): m itself, except for an expert without rows in grad_weight,
+// whose m is 0 so that CUTLASS schedules no tile for it (a tile of an empty
+// reduction would store uninitialised accumulators, and the sm80 prologue would
+// read rows past the expert); its zeros come from zero_empty_groups instead.
 struct GroupProblem {
-  int32_t m, n, k;
+  int32_t m, n, k, m_extent;
   int64_t a_offset, b_offset, d_offset;
 };
 
@@ -30,11 +35,11 @@ MOEPP_HD GroupProblem group_problem(Product product, int g, const int32_t* offse
   const int32_t rows = offsets[g + 1] - offsets[g];
   switch (product) {
     case Product::kForward:  // D rows = A rows · W_gᵀ: reduction over K
-      return {rows, n, k, first * k, int64_t(g) * n * k, first * n};
+      return {rows, n, k, rows, first * k, int64_t(g) * n * k, first * n};
     case Product::kGradInput:  // D [rows, n] = dY [rows, k] · W_g [k, n]: reduction over the weights' rows
-      return {rows, n, k, first * k, int64_t(g) * n * k, first * n};
+      return {rows, n, k, rows, first * k, int64_t(g) * n * k, first * n};
     default:  // grad_weight: D_g [n, k] = dY_gᵀ [n, rows] · X_g [rows, k]: reduction over the expert's rows
-      return {n, k, rows, first * n, first * k, int64_t(g) * n * k};
+      return {rows > 0 ? n : 0, k, rows, n, first * n, first * k, int64_t(g) * n * k};
   }
 }
 

@@ -9,7 +9,8 @@
 
 namespace moepp::moe {
 
-// e^x without a libm call, so the CPU loops vectorise (and CPU and GPU round alike):
+// e^x without a libm call, so the CPU loops vectorise (and CPU and GPU compute it the
+// same way, up to nvcc contracting multiply-adds):
 // x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for exact products), e^r by its
 // degree-7 Taylor-like minimax polynomial (Cephes expf, about 1 ulp), 2^n built in the
 // exponent bits. Above 88 it is +inf, below -87 it is 0 (true values beyond fp32's normal

@@ -119,12 +119,15 @@ void plan_cuda(const PlanArgs& a, int device, uintptr_t stream) {
   const int64_t chunk = std::max<int64_t>(1, (a.slots + chunks - 1) / chunks);
   const size_t hist_bytes = sizeof(int32_t) * a.n_ffn;
   count_kernel<<<chunks, 256, hist_bytes, s>>>(a.ids, a.slots, a.n_ffn, chunk, a.workspace);
+  // Checked after each launch: no kernel runs on a workspace that a failed one never wrote.
+  cuda::check(cudaGetLastError(), "permutation plan count kernel");
   scan_kernel<<<1, kScanThreads, 0, s>>>(a.workspace, int64_t(a.n_ffn) * chunks, chunks, a.n_ffn, a.offsets);
+  cuda::check(cudaGetLastError(), "permutation plan scan kernel");
   const size_t scatter_bytes = sizeof(int32_t) * a.n_ffn * (1 + kTileWarps);
   cuda::allow_shared_memory(scatter_kernel, scatter_bytes);
   scatter_kernel<<<chunks, kTileThreads, scatter_bytes, s>>>(a.ids, a.slots, a.n_ffn, chunk, a.workspace, a.row_src,
                                                              a.slot_row);
-  cuda::check(cudaGetLastError(), "permutation plan kernels");
+  cuda::check(cudaGetLastError(), "permutation plan scatter kernel");
 }
 
 }  // namespace moepp::moe
