@@ -54,54 +54,43 @@ MOEPP_HD BFloat16 to_bfloat16(float v) {
   return BFloat16{static_cast<uint16_t>((u + rounding) >> 16)};
 }
 
+// The host conversions below use selects only (no branches, no loops), so the CPU
+// loops that call them vectorise; every input is converted exactly as the device does.
+
+// half -> float, exact: normal numbers rebias the exponent (15 -> 127), inf / NaN keep
+// an all-ones exponent (and the NaN payload), subnormals are their mantissa times 2^-24.
 MOEPP_HD float to_float(Half v) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(v.bits));
 #else
   const uint32_t sign = static_cast<uint32_t>(v.bits & 0x8000u) << 16;
-  uint32_t exponent = (v.bits >> 10) & 0x1fu;
-  uint32_t mantissa = v.bits & 0x3ffu;
-  if (exponent == 0x1fu) return bits_float(sign | 0x7f800000u | (mantissa << 13));  // inf / NaN
-  if (exponent == 0) {
-    if (mantissa == 0) return bits_float(sign);
-    // subnormal: normalise the mantissa
-    exponent = 113;
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      --exponent;
-    }
-    mantissa &= 0x3ffu;
-    return bits_float(sign | (exponent << 23) | (mantissa << 13));
-  }
-  return bits_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  const uint32_t body = static_cast<uint32_t>(v.bits & 0x7fffu) << 13;  // exponent and mantissa, float-aligned
+  const uint32_t exponent = body & 0x0f800000u;
+  const uint32_t normal = body + (112u << 23);
+  const uint32_t special = normal + (112u << 23);
+  // 2^-14 * (1 + m / 1024) - 2^-14 = m * 2^-24, exactly
+  const uint32_t subnormal = float_bits(bits_float(body + (113u << 23)) - bits_float(113u << 23));
+  const uint32_t out = exponent == 0 ? subnormal : (exponent == 0x0f800000u ? special : normal);
+  return bits_float(sign | out);
 #endif
 }
 
+// float -> half, round to nearest even: normal results drop 13 mantissa bits with the
+// usual rounding increment; subnormal ones (|v| < 2^-14) let the float adder round:
+// |v| + 0.5 has a unit in the last place of 2^-24, the half subnormal spacing.
 MOEPP_HD Half to_half(float v) {
 #if defined(__CUDA_ARCH__)
   return Half{__half_as_ushort(__float2half_rn(v))};
 #else
   const uint32_t u = float_bits(v);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return Half{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
-  if (abs >= 0x477ff000u) return Half{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to inf
-  if (abs < 0x38800000u) {
-    // result is subnormal (or zero): shift the implicit-1 mantissa into place, round to nearest even
-    const int shift = 126 - static_cast<int>(abs >> 23);
-    if (shift > 24) return Half{sign};
-    const uint32_t mantissa = (abs & 0x7fffffu) | 0x800000u;
-    const uint32_t half_mantissa = mantissa >> shift;
-    const uint32_t rest = mantissa & ((1u << shift) - 1u);
-    const uint32_t halfway = 1u << (shift - 1);
-    uint32_t result = half_mantissa;
-    if (rest > halfway || (rest == halfway && (half_mantissa & 1u))) ++result;
-    return Half{static_cast<uint16_t>(sign | result)};
-  }
-  // normal: rebias the exponent, round the mantissa to 10 bits (nearest even)
-  const uint32_t rebased = abs - (112u << 23);
-  const uint32_t rounding = 0xfffu + ((rebased >> 13) & 1u);
-  return Half{static_cast<uint16_t>(sign | ((rebased + rounding) >> 13))};
+  const uint32_t normal = (abs - (112u << 23) + 0xfffu + ((abs >> 13) & 1u)) >> 13;
+  const uint32_t subnormal = float_bits(bits_float(abs) + 0.5f) - float_bits(0.5f);
+  uint32_t out = abs < (113u << 23) ? subnormal : normal;
+  out = abs >= 0x477ff000u ? 0x7c00u : out;  // rounds to inf
+  out = abs > 0x7f800000u ? 0x7e00u : out;   // NaN: the quiet one
+  return Half{static_cast<uint16_t>(sign | out)};
 #endif
 }
 

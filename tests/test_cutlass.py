@@ -79,6 +79,9 @@ def test_unaligned_extents_are_a_clear_error():
     with pytest.raises(ValueError, match="multiple of 8"):
         grouped_gemm.forward(torch.zeros(7, 100, device="cuda", dtype=torch.bfloat16),
                              torch.zeros(2, 64, 100, device="cuda", dtype=torch.bfloat16), offsets, "cutlass")
+    shifted = torch.zeros(7 * 64 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(7, 64)  # 2 bytes off
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        grouped_gemm.forward(shifted, torch.zeros(2, 32, 64, device="cuda", dtype=torch.bfloat16), offsets, "cutlass")
 
 
 @pytest.mark.cuda
@@ -90,3 +93,27 @@ def test_layer_with_the_cutlass_backend(tokens):
     layer = MoEPPLayer(cfg, has_residual=False, dtype=torch.bfloat16, device="cuda", gemm_backend="cutlass")
     x = torch.randn(tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert_layer_matches_reference(layer, x, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUTLASS_GPU, reason="needs an sm90/sm80 GPU and the CUTLASS kernels")
+def test_layer_forward_with_cutlass_is_cuda_graph_capturable():
+    """The CUTLASS arguments are written on the device from the plan: nothing waits for
+    the host, so a CUDA graph captures the layer forward and replays it to the eager result."""
+    cfg = MoEPPConfig.moepp_7b().with_(hidden_size=256, ffn_size=384)
+    torch.manual_seed(0)
+    layer = MoEPPLayer(cfg, has_residual=False, dtype=torch.bfloat16, device="cuda", gemm_backend="cutlass")
+    x = torch.randn(512, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager, _ = layer(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured, _ = layer(x)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

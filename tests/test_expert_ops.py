@@ -145,3 +145,19 @@ def test_swiglu_element_math_over_the_float_range():
     torch.testing.assert_close(dh[0, : gate.numel()][finite].double(), d_gate[finite], rtol=2e-6, atol=1e-9)
     torch.testing.assert_close(dh[0, gate.numel():].double(), (torch.nn.functional.silu(gate.double()) * da[0]),
                                rtol=5e-7, atol=1e-30, equal_nan=True)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7, 3e-3, 3.0])  # exact round trip, rounding, subnormals, overflow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_conversions_match_torch_for_every_16_bit_value(dtype, scale):
+    """The gather computes dtype(scale * float(x)): for all 65536 bit patterns of x it
+    matches torch's conversions bit for bit (NaNs as NaNs)."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)
+    rows = x.shape[0]
+    out = torch.empty_like(x)
+    row_src, offsets = torch.arange(rows, dtype=torch.int32), torch.tensor([rows], dtype=torch.int32)
+    _C.gather_rows(view(x), view(row_src), view(offsets), 1, scale, view(out), 1, 0)  # views need live tensors
+    expected = (x.float() * scale).to(dtype)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
