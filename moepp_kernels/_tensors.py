@@ -43,8 +43,12 @@ def check_tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype], shape: 
     return t
 
 
+# Read once: torch.compile cannot trace a call into the extension module.
+BUILT_WITH_CUDA = _C.built_with_cuda()
+
+
 def check_backend(device: torch.device) -> None:
-    if device.type == "cuda" and not _C.built_with_cuda():
+    if device.type == "cuda" and not BUILT_WITH_CUDA:
         raise RuntimeError("moepp_kernels was built without CUDA; reinstall with nvcc available to use cuda tensors")
 
 

@@ -8,7 +8,7 @@ rows of a permutation plan (expert e owns rows [offsets[e], offsets[e+1])):
 Rows past offsets[G] are neither read nor written. Backends:
   "torch"       per-expert matmuls on slices; reads the offsets on the host
                 (one device-to-host sync per call on a GPU).
-  "grouped_mm"  torch._grouped_mm (CUDA sm90+ in bf16, offsets stay on the device;
+  "grouped_mm"  torch._grouped_mm (CUDA sm90 / sm100 in bf16, offsets stay on the device;
                 also torch's CPU implementation, where the installed torch has one).
   "cutlass"     CUTLASS grouped GEMMs (csrc/gemm/): 3.x ptr-array kernels on sm90
                 (TMA, warp-specialised, wgmma), 2.x device-scheduled ones on sm80;
@@ -33,6 +33,12 @@ _FORWARD, _GRAD_INPUT, _GRAD_WEIGHT = 0, 1, 2  # gemm::Product
 # (GPU name, dtype) -> backend, from committed GPU measurements (bench/results/); empty until a
 # GPU run has compared the backends, so "auto" stays on the torch backend.
 AUTO_TABLE: dict = {}
+CUTLASS_ARCHS = tuple(_C.cutlass_archs())  # read once: torch.compile cannot trace into the extension
+
+
+@torch.compiler.assume_constant_result
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims: tuple = ()) -> str:
@@ -42,7 +48,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims
         raise ValueError(f"gemm_backend must be one of {BACKENDS}, got {backend!r}")
     aligned = all(d * dtype.itemsize % 16 == 0 for d in dims)
     if backend == "auto":
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        name = _device_name(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else "cpu"
         chosen = AUTO_TABLE.get((name, dtype), "torch")
         return chosen if chosen != "grouped_mm" or aligned else "torch"
     if backend == "triton":
@@ -58,23 +65,25 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims
         if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
             raise ValueError("gemm_backend='triton' runs bfloat16 or float16 on the GPU; use 'torch' for float32")
     if backend == "cutlass":
-        archs = _C.cutlass_archs()
+        archs = CUTLASS_ARCHS
         if not archs:
             raise ValueError("gemm_backend='cutlass' needs a build with the CUTLASS kernels (nvcc, the "
                              "nvidia-cutlass headers and 90a or 80 in MOEPP_CUDA_ARCHS)")
         major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
         if major not in {a // 10 for a in archs}:
-            raise ValueError(f"gemm_backend='cutlass' was built for sm{archs} and runs on those GPUs only")
+            raise ValueError(f"gemm_backend='cutlass' was built for sm{list(archs)} and runs on those GPUs only")
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"gemm_backend='cutlass' runs bfloat16 or float16, got {dtype}")
         if not aligned:
             raise ValueError(f"gemm_backend='cutlass' needs hidden_size and ffn_size whose rows are multiples of "
                              f"16 bytes, got {dims} in {dtype}")
     if backend == "grouped_mm":
+        # torch keeps the offsets on the device on sm90 / sm100 only; elsewhere it copies them to the host
         on_gpu_ok = (device.type == "cuda" and dtype == torch.bfloat16
-                     and torch.cuda.get_device_capability(device) >= (9, 0))
+                     and torch.cuda.get_device_capability(device)[0] in (9, 10))
         if not hasattr(torch, "_grouped_mm") or not (device.type == "cpu" or on_gpu_ok):
-            raise ValueError("gemm_backend='grouped_mm' needs torch._grouped_mm, and on a GPU sm90+ with bfloat16")
+            raise ValueError("gemm_backend='grouped_mm' needs torch._grouped_mm, and on a GPU sm90 or sm100 with "
+                             "bfloat16")
         if not aligned:
             raise ValueError(f"gemm_backend='grouped_mm' needs hidden_size and ffn_size whose rows are multiples of "
                              f"16 bytes, got {dims} in {dtype}")

@@ -1,6 +1,9 @@
-"""torch.compile(fullgraph=True) traces a model that calls the fused router (CPU)."""
+"""torch.compile(fullgraph=True) traces the fused router and the layer (CPU; the layer
+with every grouped-GEMM backend on a GPU)."""
 
+import pytest
 import torch
+from conftest import HAS_CUDA
 
 from moepp_kernels import MoEPPConfig, MoEPPRouter
 
@@ -66,6 +69,37 @@ def test_compile_fullgraph_layer_forward_and_backward():
     eager_grads = torch.autograd.grad(eager, params)
     compiled = torch.compile(two_layers, fullgraph=True, backend="aot_eager")
     loss = compiled(x)
+    grads = torch.autograd.grad(loss, params)
+    torch.testing.assert_close(loss, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("backend", ["auto", "grouped_mm", "triton", "cutlass"])
+def test_compile_fullgraph_layer_on_the_gpu(backend):
+    """Nothing on the CUDA path breaks the graph: no call into the extension or query of
+    the device outside the custom ops (the backend choice included)."""
+    from moepp_kernels import MoEPPLayer, grouped_gemm
+
+    cfg = MoEPPConfig.moepp_7b().with_(hidden_size=256, ffn_size=384)
+    try:
+        grouped_gemm.resolve_backend(backend, torch.device("cuda"), torch.bfloat16, (256, 384))
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    torch.manual_seed(0)
+    layer = MoEPPLayer(cfg, has_residual=False, dtype=torch.bfloat16, device="cuda", gemm_backend=backend)
+    x = torch.randn(64, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step(x):
+        out, logits = layer(x)
+        return out.float().square().sum() + logits.sum()
+
+    params = [x, *layer.parameters()]
+    eager = step(x)
+    eager_grads = torch.autograd.grad(eager, params)
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
     grads = torch.autograd.grad(loss, params)
     torch.testing.assert_close(loss, eager)
     for g, e in zip(grads, eager_grads):
