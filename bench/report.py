@@ -73,8 +73,8 @@ def render(summary: dict) -> str:
                       "router + plan + combine = "
                       f"{100 * c['share_of_layer']['router+plan+combine']:.1f}% of the layer forward")))
     gemm = simple_rows(cases, "grouped gemm", lambda n, c: f"- {n}: " + ", ".join(
-        f"{k} {c['efficiency_vs_dense'][k]:.2f}x dense ({fmt(r.get('tflops'), '.0f')} TFLOP/s)"
-        for k, r in c["impls"].items() if k != "dense") + f"; dense {fmt(c['impls']['dense'].get('tflops'), '.0f')} "
+        f"{k} {c['efficiency_vs_dense'][k]:.2f}x dense ({fmt(r.get('tflops'), '.3g')} TFLOP/s)"
+        for k, r in c["impls"].items() if k != "dense") + f"; dense {fmt(c['impls']['dense'].get('tflops'), '.3g')} "
         "TFLOP/s")
     decode = simple_rows(cases, "decode", lambda n, c: (
         f"- {n}: {c['impls']['fused']['median_ms']:.3f} ms, "
