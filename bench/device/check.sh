@@ -17,6 +17,11 @@ mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 STEPS=${MOEPP_CHECK_STEPS:-build test bench}
 SITE=${MOEPP_SITE:-/tmp/moepp-site}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} MOEPP_CUDA=${MOEPP_CUDA:-1} MOEPP_CUDA_ARCHS=${MOEPP_CUDA_ARCHS:-90a}
+# The CUTLASS families the build must have produced (a test fails otherwise, rather than the
+# CUTLASS tests skipping when the headers were not found): 90a;80 -> 90,80.
+MOEPP_EXPECT_CUTLASS=${MOEPP_EXPECT_CUTLASS:-$(tr ';' '\n' <<< "$MOEPP_CUDA_ARCHS" | sed 's/a$//' |
+  grep -xE '90|80' | sort -u | paste -sd, -)}
+export MOEPP_EXPECT_CUTLASS
 exec > >(tee -a "$OUT_DIR/check.log") 2>&1
 step() { echo "=== [$(date -u +%FT%TZ)] $*"; }
 failed=""
