@@ -33,12 +33,6 @@ def setup_layer(preset: str, tokens: int, device: str, dtype: torch.dtype | None
     return cfg, layer, x, prev
 
 
-def reference_params(layer: MoEPPLayer) -> R.MoEPPParams:
-    r = layer.router
-    return R.MoEPPParams(up=layer.up, down=layer.down, const_gate=layer.const_gate, const_value=layer.const_value,
-                         gate_weight=r.gate_weight, residual_weight=r.residual_weight)
-
-
 def cases(with_dtypes: bool = False) -> list:
     out = []
     for preset, tokens, where in CASES:
@@ -100,7 +94,7 @@ def bench_layer(measure, quick, preset, tokens, device, dtype, mode, impl):
         pytest.skip(str(exc))
     tokens = QUICK_TOKENS if quick else tokens
     cfg, layer, x, prev = setup_layer(preset, tokens, device, dtype)
-    params = reference_params(layer)
+    params = layer.reference_params()
     layer.gemm_backend = backend
     run = (lambda: layer(x, prev)) if impl.startswith("fused") else (lambda: R.moepp_layer(x, params, cfg, prev))
     if mode == "forward":

@@ -145,10 +145,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("product"), py::arg("offsets"), py::arg("n"), py::arg("k"));
   m.def(
       "cutlass_workspace_bytes",
-      [](int product, int dtype, int groups, int64_t rows, int device) {
-        return gm::workspace_bytes(static_cast<gm::Product>(product), static_cast<DType>(dtype), groups, rows, device);
+      [](int product, int dtype, int groups, int device) {
+        return gm::workspace_bytes(static_cast<gm::Product>(product), static_cast<DType>(dtype), groups, device);
       },
-      py::arg("product"), py::arg("dtype"), py::arg("groups"), py::arg("rows"), py::arg("device"));
+      py::arg("product"), py::arg("dtype"), py::arg("groups"), py::arg("device"));
   m.def(
       "cutlass_grouped_gemm",
       [](int product, const TensorView& a, const TensorView& b, const TensorView& d, const TensorView& offsets,

@@ -10,6 +10,8 @@ Keys, relative to a layer's `mlp.` prefix: `moe.gate.wg.weight` [N, D] (or
 """
 
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -24,13 +26,23 @@ def _gate_keys(config: MoEPPConfig) -> dict[str, str]:
     return {"moe.gate.wg.0.weight": "router.gate_w1", "moe.gate.wg.2.weight": "router.gate_w2"}
 
 
-def _expected_keys(config: MoEPPConfig) -> list[str]:
-    keys = list(_gate_keys(config))
+RESIDUAL = "moe.gate.gate_map.weight"
+
+
+def _layout(config: MoEPPConfig) -> list[tuple[str, str, Optional[int]]]:
+    """(released key, MoEPPLayer parameter, expert slot in it or None) for every tensor
+    of the layout but the optional residual weight."""
+    entries = [(key, name, None) for key, name in _gate_keys(config).items()]
     for e in range(config.n_ffn):
-        keys += [f"{EXPERTS}.{e}.up_proj.weight", f"{EXPERTS}.{e}.down_proj.weight"]
-    for c in range(config.constant_begin, config.copy_begin):
-        keys += [f"{EXPERTS}.{c}.constant", f"{EXPERTS}.{c}.wg.weight"]
-    return keys
+        entries += [(f"{EXPERTS}.{e}.up_proj.weight", "up", e), (f"{EXPERTS}.{e}.down_proj.weight", "down", e)]
+    for i, c in enumerate(range(config.constant_begin, config.copy_begin)):
+        entries += [(f"{EXPERTS}.{c}.constant", "const_value", i), (f"{EXPERTS}.{c}.wg.weight", "const_gate", i)]
+    return entries
+
+
+def _tensor(layer: nn.Module, name: str, index: Optional[int]) -> Tensor:
+    t = layer.get_parameter(name)
+    return t if index is None else t[index]
 
 
 def layer_from_moepp_state_dict(state_dict: dict[str, Tensor], config: MoEPPConfig, prefix: str = "",
@@ -41,30 +53,23 @@ def layer_from_moepp_state_dict(state_dict: dict[str, Tensor], config: MoEPPConf
     from .layer import MoEPPLayer
 
     own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    expected = _expected_keys(config)
+    layout = _layout(config)
+    expected = [key for key, _, _ in layout]
     missing = [k for k in expected if k not in own]
     if missing:
         raise ValueError(f"state_dict: missing keys for this config: {[prefix + k for k in missing[:5]]}"
                          + (" ..." if len(missing) > 5 else ""))
-    residual_key = "moe.gate.gate_map.weight"
-    unexpected = [k for k in own if k not in expected and k != residual_key]
+    unexpected = [k for k in own if k not in expected and k != RESIDUAL]
     if unexpected:
         raise ValueError(f"state_dict: unexpected keys for this config: {[prefix + k for k in unexpected[:5]]}")
     reference = own[f"{EXPERTS}.0.up_proj.weight"] if config.n_ffn else next(iter(own.values()))
-    layer = MoEPPLayer(config, has_residual=residual_key in own, dtype=reference.dtype, device=reference.device,
+    layer = MoEPPLayer(config, has_residual=RESIDUAL in own, dtype=reference.dtype, device=reference.device,
                        gemm_backend=gemm_backend)
     with torch.no_grad():
-        targets = dict(layer.named_parameters())
-        for key, name in _gate_keys(config).items():
-            _copy(targets[name], own[key], prefix + key)
-        if residual_key in own:
-            _copy(layer.router.residual_weight, own[residual_key], prefix + residual_key)
-        for e in range(config.n_ffn):
-            _copy(layer.up[e], own[f"{EXPERTS}.{e}.up_proj.weight"], f"{prefix}{EXPERTS}.{e}.up_proj.weight")
-            _copy(layer.down[e], own[f"{EXPERTS}.{e}.down_proj.weight"], f"{prefix}{EXPERTS}.{e}.down_proj.weight")
-        for i, c in enumerate(range(config.constant_begin, config.copy_begin)):
-            _copy(layer.const_value[i], own[f"{EXPERTS}.{c}.constant"], f"{prefix}{EXPERTS}.{c}.constant")
-            _copy(layer.const_gate[i], own[f"{EXPERTS}.{c}.wg.weight"], f"{prefix}{EXPERTS}.{c}.wg.weight")
+        for key, name, index in layout:
+            _copy(_tensor(layer, name, index), own[key], prefix + key)
+        if RESIDUAL in own:
+            _copy(layer.router.residual_weight, own[RESIDUAL], prefix + RESIDUAL)
     return layer
 
 
@@ -77,17 +82,9 @@ def _copy(dst: Tensor, src: Tensor, key: str) -> None:
 def moepp_state_dict_from_layer(layer, prefix: str = "") -> dict[str, Tensor]:
     """The released layout's state dict of a MoEPPLayer (the inverse of
     layer_from_moepp_state_dict)."""
-    config = layer.config
-    params = dict(layer.named_parameters())
-    out = {prefix + key: params[name].detach().clone() for key, name in _gate_keys(config).items()}
+    out = {prefix + key: _tensor(layer, name, index).detach().clone() for key, name, index in _layout(layer.config)}
     if layer.router.residual_weight is not None:
-        out[prefix + "moe.gate.gate_map.weight"] = layer.router.residual_weight.detach().clone()
-    for e in range(config.n_ffn):
-        out[f"{prefix}{EXPERTS}.{e}.up_proj.weight"] = layer.up[e].detach().clone()
-        out[f"{prefix}{EXPERTS}.{e}.down_proj.weight"] = layer.down[e].detach().clone()
-    for i, c in enumerate(range(config.constant_begin, config.copy_begin)):
-        out[f"{prefix}{EXPERTS}.{c}.constant"] = layer.const_value[i].detach().clone()
-        out[f"{prefix}{EXPERTS}.{c}.wg.weight"] = layer.const_gate[i].detach().clone()
+        out[prefix + RESIDUAL] = layer.router.residual_weight.detach().clone()
     return out
 
 

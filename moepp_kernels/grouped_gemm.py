@@ -21,6 +21,8 @@ Rows past offsets[G] are neither read nor written. Backends:
 """
 
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -90,15 +92,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims
     return backend
 
 
-def _bounds(offsets: Tensor) -> list[int]:
-    return offsets.tolist()
+@functools.cache
+def _cutlass_workspace_bytes(product: int, dtype: torch.dtype, groups: int, device_index: int) -> int:
+    """Depends on neither the rows nor the data: worked out once per shape of call."""
+    return _C.cutlass_workspace_bytes(product, DTYPE_CODES[dtype], groups, device_index) if groups else 0
 
 
 def _cutlass(product: int, a: Tensor, b: Tensor, out: Tensor, offsets: Tensor) -> Tensor:
-    groups = offsets.shape[0] - 1
     dev = a.device
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    size = _C.cutlass_workspace_bytes(product, DTYPE_CODES[a.dtype], groups, a.shape[0], index) if groups else 0
+    size = _cutlass_workspace_bytes(product, a.dtype, offsets.shape[0] - 1, index)
     workspace = torch.empty(size, dtype=torch.uint8, device=dev)
     _C.cutlass_grouped_gemm(product, view(a), view(b), view(out), view(offsets), view(workspace), stream_handle(dev))
     return out
@@ -106,7 +109,7 @@ def _cutlass(product: int, a: Tensor, b: Tensor, out: Tensor, offsets: Tensor) -
 
 def _per_expert(a: Tensor, out: Tensor, offsets: Tensor, weight) -> Tensor:
     """The torch backend: out rows of expert e = a rows of e @ weight(e)."""
-    b = _bounds(offsets)
+    b = offsets.tolist()
     for e in range(len(b) - 1):
         if b[e + 1] > b[e]:
             torch.matmul(a[b[e]:b[e + 1]], weight(e), out=out[b[e]:b[e + 1]])
@@ -151,7 +154,7 @@ def grad_weight(dy: Tensor, a: Tensor, offsets: Tensor, backend: str) -> Tensor:
     if backend == "grouped_mm":
         return torch._grouped_mm(dy.t(), a, offs=offsets[1:])
     out = dy.new_empty((groups, dy.shape[1], a.shape[1]))
-    b = _bounds(offsets)
+    b = offsets.tolist()
     for e in range(groups):
         if b[e + 1] > b[e]:
             torch.matmul(dy[b[e]:b[e + 1]].t(), a[b[e]:b[e + 1]], out=out[e])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import grouped_gemm
+from . import grouped_gemm, reference
 from ._tensors import check_tensor
 from .combine import combine
 from .config import MoEPPConfig
@@ -161,6 +161,14 @@ class MoEPPLayer(nn.Module):
         from .checkpoint import layer_from_moepp_state_dict
 
         return layer_from_moepp_state_dict(state_dict, config, prefix=prefix, gemm_backend=gemm_backend)
+
+    def reference_params(self) -> "reference.MoEPPParams":
+        """This layer's tensors as the plain-PyTorch reference takes them (shared, not copied)."""
+        r = self.router
+        return reference.MoEPPParams(
+            up=self.up, down=self.down, const_gate=self.const_gate, const_value=self.const_value,
+            gate_weight=getattr(r, "gate_weight", None), gate_w1=getattr(r, "gate_w1", None),
+            gate_w2=getattr(r, "gate_w2", None), residual_weight=r.residual_weight, selection_bias=r.selection_bias)
 
     def to_moepp_state_dict(self, prefix: str = "") -> dict:
         """The inverse of from_moepp_state_dict: the released layout's keys."""

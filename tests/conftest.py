@@ -45,23 +45,33 @@ def assert_norm_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
     assert err <= NORM_TOLERANCES[dtype] * max(ref, 1e-12), f"{msg}: relative error {err / max(ref, 1e-12):.3g}"
 
 
-def reference_params(layer) -> R.MoEPPParams:
-    """The reference's view of a MoEPPLayer's tensors."""
-    r = layer.router
-    return R.MoEPPParams(up=layer.up, down=layer.down, const_gate=layer.const_gate, const_value=layer.const_value,
-                         gate_weight=getattr(r, "gate_weight", None), gate_w1=getattr(r, "gate_w1", None),
-                         gate_w2=getattr(r, "gate_w2", None), residual_weight=r.residual_weight,
-                         selection_bias=r.selection_bias)
-
-
 def assert_layer_matches_reference(layer, x: torch.Tensor, dtype: torch.dtype) -> None:
     """A first layer (no prev logits): its output and the gradients of sum(out²)
     for x, up and down against the reference."""
     out, _ = layer(x)
-    ref, _ = R.moepp_layer(x, reference_params(layer), layer.config)
+    ref, _ = R.moepp_layer(x, layer.reference_params(), layer.config)
     assert_norm_close(out, ref, dtype, "out")
     leaves = (x, layer.up, layer.down)
     ours = torch.autograd.grad(out.float().square().sum(), leaves)
     theirs = torch.autograd.grad(ref.float().square().sum(), leaves)
     for name, a, b in zip(("x", "up", "down"), ours, theirs):
         assert_norm_close(a, b, dtype, name)
+
+
+def assert_forward_replays_in_cuda_graph(layer, *inputs: torch.Tensor) -> None:
+    """Nothing in the layer's forward waits for the host: a CUDA graph captures it (after a
+    warm-up on a side stream, which compiles / loads the kernels) and replays it to the
+    eager result."""
+    with torch.no_grad():
+        eager, _ = layer(*inputs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured, _ = layer(*inputs)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_layer_matches_reference, assert_norm_close
+from conftest import HAS_CUDA, assert_forward_replays_in_cuda_graph, assert_layer_matches_reference, assert_norm_close
 
 from moepp_kernels import _C, MoEPPConfig, MoEPPLayer, grouped_gemm
 from moepp_kernels._tensors import view
@@ -104,16 +104,4 @@ def test_layer_forward_with_cutlass_is_cuda_graph_capturable():
     torch.manual_seed(0)
     layer = MoEPPLayer(cfg, has_residual=False, dtype=torch.bfloat16, device="cuda", gemm_backend="cutlass")
     x = torch.randn(512, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        eager, _ = layer(x)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layer(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured, _ = layer(x)
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
+    assert_forward_replays_in_cuda_graph(layer, x)

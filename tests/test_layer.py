@@ -3,7 +3,7 @@ CUDA when there is a GPU)."""
 
 import pytest
 import torch
-from conftest import DEVICES, assert_norm_close, reference_params
+from conftest import DEVICES, assert_norm_close
 
 from moepp_kernels import MoEPPConfig, MoEPPLayer, load_balance_loss, moepp_layer
 from moepp_kernels import reference as R
@@ -42,7 +42,7 @@ def run_both(layer, x, prev, seed=1):
     grad_logits = torch.randn((x.numel() // x.shape[-1], layer.config.n_experts), generator=g).to(x.device)
     leaves = [x] + ([prev] if prev is not None else []) + list(layer.parameters())
     results = []
-    for fn in (lambda: layer(x, prev), lambda: R.moepp_layer(x, reference_params(layer), layer.config, prev)):
+    for fn in (lambda: layer(x, prev), lambda: R.moepp_layer(x, layer.reference_params(), layer.config, prev)):
         out, logits = fn()
         loss = (out.float() * grad_out.float()).sum() + (logits * grad_logits).sum()
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -87,7 +87,7 @@ def test_layer_low_precision_matches_reference(device, dtype, name):
                       gate_w1=getattr(layer.router, "gate_w1", None), gate_w2=getattr(layer.router, "gate_w2", None),
                       residual_weight=layer.router.residual_weight, prev_logits=prev,
                       selection_bias=layer.router.selection_bias, return_router=True)[2].topk_ids
-    params = reference_params(layer)
+    params = layer.reference_params()
     ref_ids = R.route(R.gate_logits(x, params), cfg, prev, params.residual_weight, params.selection_bias).topk_ids
     agree = (ids.long().cpu() == ref_ids.cpu()).all(dim=-1)
     assert agree.float().mean() >= 0.99  # fp32 routing in both; flips only on near-ties
@@ -151,7 +151,7 @@ def test_balance_loss_matches_reference_and_trains_the_router():
     layer = make_layer(cfg, residual=False)
     x = torch.randn(50, 64)
     _, _, loss = layer(x, return_balance_loss=True)
-    routing = R.route(R.gate_logits(x, reference_params(layer)), cfg)
+    routing = R.route(R.gate_logits(x, layer.reference_params()), cfg)
     f, p = R.load_balance_stats(routing, cfg)
     torch.testing.assert_close(loss, cfg.balance_coef * R.load_balance_loss(f, p, cfg))
     torch.testing.assert_close(load_balance_loss(f, p, cfg), R.load_balance_loss(f, p, cfg))
@@ -164,7 +164,7 @@ def test_full_size_7b_preset_bf16():
     layer = make_layer(cfg, torch.bfloat16, residual=True)
     x, prev = inputs(cfg, 6, torch.bfloat16, "cpu", residual=True)
     out, logits = layer(x, prev)
-    r_out, r_logits = R.moepp_layer(x, reference_params(layer), cfg, prev)
+    r_out, r_logits = R.moepp_layer(x, layer.reference_params(), cfg, prev)
     assert_norm_close(out, r_out, torch.bfloat16, "out")
     out.float().square().sum().backward()
     assert torch.isfinite(layer.up.grad.float()).all() and torch.isfinite(x.grad.float()).all()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_layer_matches_reference
+from conftest import HAS_CUDA, assert_forward_replays_in_cuda_graph, assert_layer_matches_reference
 
 triton = pytest.importorskip("triton")
 
@@ -188,16 +188,4 @@ def test_layer_forward_is_cuda_graph_capturable():
     layer = MoEPPLayer(cfg, has_residual=True, dtype=torch.bfloat16, device="cuda", gemm_backend="triton")
     x = torch.randn(1024, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
     prev = torch.randn(1024, cfg.n_experts, device="cuda")
-    with torch.no_grad():
-        eager, _ = layer(x, prev)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layer(x, prev)  # warm-up: compile the Triton kernels outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured, _ = layer(x, prev)
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
+    assert_forward_replays_in_cuda_graph(layer, x, prev)

@@ -43,7 +43,7 @@ void check_address(const TensorView& t, const char* name) {
 
 }  // namespace
 
-int64_t workspace_bytes(Product product, DType dtype, int groups, int64_t, int device) {
+int64_t workspace_bytes(Product product, DType dtype, int groups, int device) {
   check_dtype(dtype, "dtype");
   if (cutlass_archs().empty()) throw std::runtime_error("moepp_kernels was built without the CUTLASS kernels");
   return workspace_bytes_cuda(product, dtype, groups, device);

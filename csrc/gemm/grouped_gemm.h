@@ -50,7 +50,7 @@ std::vector<int> cutlass_archs();
 std::vector<GroupProblem> group_problems(Product product, const TensorView& offsets, int32_t n, int32_t k);
 
 // Bytes of device workspace a call needs (argument arrays + CUTLASS's own).
-int64_t workspace_bytes(Product product, DType dtype, int groups, int64_t rows, int device);
+int64_t workspace_bytes(Product product, DType dtype, int groups, int device);
 
 // D = product(A, B) for the plan's groups; `workspace` holds workspace_bytes(...) bytes.
 void grouped_gemm(Product product, const TensorView& a, const TensorView& b, const TensorView& d,
