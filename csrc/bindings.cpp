@@ -5,11 +5,13 @@
 
 #include <vector>
 
+#include "cuda/shared_memory.h"
 #include "gemm/grouped_gemm.h"
 #include "moe/combine.h"
 #include "moe/ffn_pointwise.h"
 #include "moe/plan.h"
 #include "router/router.h"
+#include "router/router_launch.h"
 #include "tensor_view.h"
 
 namespace py = pybind11;
@@ -84,19 +86,64 @@ PYBIND11_MODULE(_C, m) {
   m.def("router_partial_rows", [](int64_t tokens, int num_experts, int device) {
     return rt::partial_rows(tokens, num_experts, static_cast<DeviceType>(device));
   });
-  m.def("router_forward", &rt::forward, py::arg("options"), py::arg("logits"), py::arg("prev_logits"),
-        py::arg("residual_weight"), py::arg("selection_bias"), py::arg("ids"), py::arg("weights"),
-        py::arg("logits_out"), py::arg("counts"), py::arg("prob_partials"), py::arg("num_threads"),
-        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
-  m.def("router_backward", &rt::backward, py::arg("options"), py::arg("routed_logits"), py::arg("ids"),
-        py::arg("grad_weights"), py::arg("grad_logits_out"), py::arg("grad_prob_sum"), py::arg("residual_weight"),
-        py::arg("grad_logits"), py::arg("grad_prev"), py::arg("num_threads"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>());
+  // cpu_lanes: 0 for the ops; > 0 (tests, CPU tensors) runs the CUDA kernels' lane-team execution.
+  m.def(
+      "router_forward",
+      [](const rt::RouterOptions& options, const TensorView& logits, const std::optional<TensorView>& prev,
+         const std::optional<TensorView>& residual_weight, const std::optional<TensorView>& bias, const TensorView& ids,
+         const TensorView& weights, const std::optional<TensorView>& logits_out, const TensorView& counts,
+         const std::optional<TensorView>& prob_partials, int num_threads, uintptr_t stream, int cpu_lanes) {
+        rt::forward(options, logits, prev, residual_weight, bias, ids, weights, logits_out, counts, prob_partials,
+                    num_threads, stream, cpu_lanes);
+      },
+      py::arg("options"), py::arg("logits"), py::arg("prev_logits"), py::arg("residual_weight"),
+      py::arg("selection_bias"), py::arg("ids"), py::arg("weights"), py::arg("logits_out"), py::arg("counts"),
+      py::arg("prob_partials"), py::arg("num_threads"), py::arg("stream"), py::arg("cpu_lanes") = 0,
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "router_backward",
+      [](const rt::RouterOptions& options, const TensorView& routed, const TensorView& ids,
+         const std::optional<TensorView>& grad_weights, const std::optional<TensorView>& grad_logits_out,
+         const std::optional<TensorView>& grad_prob_sum, const std::optional<TensorView>& residual_weight,
+         const TensorView& grad_logits, const std::optional<TensorView>& grad_prev, int num_threads, uintptr_t stream,
+         int cpu_lanes) {
+        rt::backward(options, routed, ids, grad_weights, grad_logits_out, grad_prob_sum, residual_weight, grad_logits,
+                     grad_prev, num_threads, stream, cpu_lanes);
+      },
+      py::arg("options"), py::arg("routed_logits"), py::arg("ids"), py::arg("grad_weights"),
+      py::arg("grad_logits_out"), py::arg("grad_prob_sum"), py::arg("residual_weight"), py::arg("grad_logits"),
+      py::arg("grad_prev"), py::arg("num_threads"), py::arg("stream"), py::arg("cpu_lanes") = 0,
+      py::call_guard<py::gil_scoped_release>());
+  // The launchers' shared-memory arithmetic, for the CPU tests (csrc/cuda/shared_memory.h,
+  // router_launch.h, plan.h).
+  m.def(
+      "plan_dynamic_shared",
+      [](size_t bytes, size_t static_bytes, size_t optin, size_t current) {
+        const moepp::cuda::DynamicSharedPlan p = moepp::cuda::plan_dynamic_shared(bytes, static_bytes, optin, current);
+        return py::make_tuple(p.budget, p.fits, p.attribute);
+      },
+      py::arg("bytes"), py::arg("static_bytes"), py::arg("optin"), py::arg("current"));
+  m.def(
+      "router_shared_layout",
+      [](bool forward, size_t elem_bytes, int n, bool stats, bool has_g, size_t budget) {
+        const rt::SharedLayout l = rt::shared_layout(forward, elem_bytes, n, stats, has_g, budget);
+        return py::make_tuple(l.bytes, l.staged);
+      },
+      py::arg("forward"), py::arg("elem_bytes"), py::arg("num_experts"), py::arg("stats"), py::arg("has_g"),
+      py::arg("budget"));
+  m.def("router_lanes_for", &rt::lanes_for, py::arg("num_experts"));
 
   namespace moe = moepp::moe;
   m.attr("MAX_TOP_K_COMBINE") = moe::kMaxSlots;
   m.attr("MAX_PLAN_EXPERTS") = moe::kMaxPlanExperts;
   m.def("plan_workspace_ints", &moe::plan_workspace_ints);
+  m.def(
+      "plan_shared_bytes",
+      [](int n_ffn) {
+        const moe::PlanSharedBytes b = moe::plan_shared_bytes(n_ffn);
+        return py::make_tuple(b.count, b.scatter);
+      },
+      py::arg("n_ffn"));
   m.def(
       "build_plan",
       [](const TensorView& ids, int n_ffn, const TensorView& offsets, const TensorView& row_src,

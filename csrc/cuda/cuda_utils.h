@@ -5,8 +5,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
+
+#include "shared_memory.h"
 
 namespace moepp::cuda {
 
@@ -34,8 +39,8 @@ class DeviceGuard {
 
 inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
-// The most dynamic shared memory a block may opt into on the current device.
-inline size_t max_shared_memory() {
+// The device's per-block shared memory opt-in limit (227 KB on sm_90, 163 KB on sm_80).
+inline size_t optin_shared_memory() {
   int device = 0, bytes = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
@@ -43,19 +48,76 @@ inline size_t max_shared_memory() {
   return static_cast<size_t>(bytes);
 }
 
-// Lets `kernel` use `bytes` of dynamic shared memory (throws when the device has
-// less). The opt-in is raised to the device maximum, never lowered, so threads
-// launching the same kernel with different sizes cannot undo each other's.
+// What bounds a kernel's dynamic shared memory on the current device.
+struct KernelSharedMemory {
+  size_t static_bytes;     // cudaFuncGetAttributes: sharedSizeBytes
+  size_t current_dynamic;  // its MaxDynamicSharedMemorySize now
+  size_t optin;            // the device's per-block opt-in limit
+  size_t budget() const { return dynamic_shared_budget(optin, static_bytes); }
+};
+
+// One entry per (kernel, device), read once: the static size and the opt-in limit
+// never change, and the attribute changes only through allow_shared_memory, which
+// updates the entry. Launches then cost no driver queries.
+class SharedMemoryCache {
+ public:
+  static SharedMemoryCache& instance() {
+    static SharedMemoryCache cache;
+    return cache;
+  }
+  KernelSharedMemory get(const void* kernel) {
+    int device = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = entries_.find({kernel, device});
+    if (found != entries_.end()) return found->second;
+    cudaFuncAttributes attr{};
+    check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
+    const KernelSharedMemory info{attr.sharedSizeBytes, static_cast<size_t>(attr.maxDynamicSharedSizeBytes),
+                                  optin_shared_memory()};
+    entries_.emplace(std::make_pair(kernel, device), info);
+    return info;
+  }
+  // Raises the kernel's MaxDynamicSharedMemorySize (never lowers it).
+  void raise(const void* kernel, size_t bytes) {
+    int device = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    std::lock_guard<std::mutex> lock(mutex_);
+    KernelSharedMemory& info = entries_.at({kernel, device});
+    if (bytes <= info.current_dynamic) return;
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+    info.current_dynamic = bytes;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::pair<const void*, int>, KernelSharedMemory> entries_;
+};
+
+template <typename Kernel>
+KernelSharedMemory shared_memory_of(Kernel kernel) {
+  return SharedMemoryCache::instance().get(reinterpret_cast<const void*>(kernel));
+}
+
+// Lets `kernel` be launched with `bytes` of dynamic shared memory (throws when
+// the device cannot give it that much next to its static shared memory).
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, const KernelSharedMemory& info, size_t bytes) {
+  const DynamicSharedPlan plan = plan_dynamic_shared(bytes, info.static_bytes, info.optin, info.current_dynamic);
+  if (!plan.fits) {
+    throw std::runtime_error("kernel needs " + std::to_string(bytes) + " bytes of dynamic shared memory; the device "
+                             "allows " + std::to_string(plan.budget) + " next to its " +
+                             std::to_string(info.static_bytes) + " static bytes");
+  }
+  if (plan.attribute >= 0) {
+    SharedMemoryCache::instance().raise(reinterpret_cast<const void*>(kernel), static_cast<size_t>(plan.attribute));
+  }
+}
+
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return;
-  const size_t limit = max_shared_memory();
-  if (bytes > limit) {
-    throw std::runtime_error("kernel needs " + std::to_string(bytes) + " bytes of shared memory; the device allows " +
-                             std::to_string(limit));
-  }
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)),
-        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  allow_shared_memory(kernel, shared_memory_of(kernel), bytes);
 }
 
 }  // namespace moepp::cuda

@@ -1,6 +1,6 @@
 // Picks the CUTLASS family for (architecture, product, dtype) and, on sm90, the
 // tile configuration for the shape: the small-M (decode) tile when experts
-// average <= 64 rows.
+// average <= 64 rows of the buffer.
 #include <algorithm>
 #include <string>
 
@@ -72,6 +72,12 @@ int64_t workspace_bytes_cuda(Product product, DType dtype, int groups, int devic
 
 void grouped_gemm_cuda(const CudaCall& c) {
   cuda::DeviceGuard guard(c.device);
+  // The tile is picked on the host, before the launch. The rows routed to FFN experts
+  // (offsets[groups]) exist only on the device: reading them would cost a host sync per
+  // GEMM, the one thing this backend is for avoiding. c.rows is the buffer's T * k, an
+  // upper bound; where zero-computation experts take many slots, experts may average
+  // <= 64 rows while the bound does not, and the large tile then runs with idle rows
+  // in each expert's last M tile (slower decode, same result).
   const bool small = c.product != Product::kGradWeight && c.rows <= 64 * int64_t(c.groups);
   if (c.product == Product::kGradWeight) {  // bf16 / fp16: 16-bit elements
     const int64_t elems = int64_t(c.n) * c.k;

@@ -20,8 +20,9 @@ void combine_cpu(const CombineArgs<T>& a, int num_threads) {
   parallel_for(a.tokens, choose_workers(a.tokens, num_threads, kTokensPerWorker), [&](int, int64_t begin, int64_t end) {
     std::vector<float> acc(a.dim);
     for (int64_t t = begin; t < end; ++t) {
-      const TokenMix m = analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k,
-                                       a.mix + t * 2 * a.n_constant);
+      TokenMix m;
+      analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k,
+                    a.mix + t * 2 * a.n_constant, m);
       if (m.uses_x()) {
         rows::scale(a.x + t * a.dim, m.x_coef, a.scale, a.dim, acc.data());
       } else {
@@ -42,8 +43,9 @@ void combine_backward_cpu(const CombineArgs<T>& a, int num_threads) {
     float dot_v[kMaxSlots], dot_y[kMaxSlots];
     std::vector<float> g(a.dim);
     for (int64_t t = begin; t < end; ++t) {
-      const TokenMix m = analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k,
-                                       a.mix + t * 2 * a.n_constant);
+      TokenMix m;
+      analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k,
+                    a.mix + t * 2 * a.n_constant, m);
       rows::scale(a.dout + t * a.dim, 1.0f, 1.0f, a.dim, g.data());
       const float dot_x = m.uses_x() ? a.scale * rows::dot(g.data(), a.x + t * a.dim, a.dim) : 0.0f;
       for (int i = 0; i < m.n_const; ++i) dot_v[i] = rows::dot(g.data(), a.const_value + m.const_id[i] * a.dim, a.dim);

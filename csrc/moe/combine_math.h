@@ -44,10 +44,10 @@ struct TokenMix {
 };
 
 // ids, weights, slot_row: the token's k entries; mix: its [2 * n_constant] fp32
-// mixing logits (x_e · W_cᵀ).
-MOEPP_HD TokenMix analyze_token(const ExpertLayout& layout, int k, const int32_t* ids, const float* weights,
-                                const int32_t* slot_row, const float* mix) {
-  TokenMix m;
+// mixing logits (x_e · W_cᵀ). The CUDA kernels build `m` once per token in
+// shared memory (its arrays are indexed at run time), the CPU twin on its stack.
+MOEPP_HD void analyze_token(const ExpertLayout& layout, int k, const int32_t* ids, const float* weights,
+                            const int32_t* slot_row, const float* mix, TokenMix& m) {
   m.x_coef = 0.0f;
   m.n_rows = 0;
   m.n_const = 0;
@@ -77,7 +77,6 @@ MOEPP_HD TokenMix analyze_token(const ExpertLayout& layout, int k, const int32_t
       m.copy_slot[m.n_copy++] = j;
     }
   }
-  return m;
 }
 
 // The gradients that need a reduction over the hidden dim, from the token's dot

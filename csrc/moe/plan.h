@@ -3,6 +3,7 @@
 // Zero-computation slots get no row (spec: "Combine"; ARCHITECTURE: data flow).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../tensor_view.h"
@@ -11,6 +12,17 @@ namespace moepp::moe {
 
 // The CUDA plan keeps per-expert counters in shared memory; 1024 is also the router's limit.
 constexpr int kMaxPlanExperts = 1024;
+constexpr int kPlanTileThreads = 256;  // the scatter kernel's block
+
+// Dynamic shared memory of the CUDA plan's kernels: the count kernel's histogram,
+// and the scatter kernel's running rows plus one count row per warp.
+struct PlanSharedBytes {
+  size_t count, scatter;
+};
+inline PlanSharedBytes plan_shared_bytes(int n_ffn) {
+  const size_t row = sizeof(int32_t) * static_cast<size_t>(n_ffn);
+  return {row, row * (1 + kPlanTileThreads / 32)};
+}
 
 struct PlanArgs {
   int64_t slots = 0;            // T * k, slot s = t * k + j

@@ -14,7 +14,7 @@ namespace moepp::moe {
 namespace {
 
 constexpr int kScanThreads = 1024;
-constexpr int kTileThreads = 256;
+constexpr int kTileThreads = kPlanTileThreads;
 constexpr int kTileWarps = kTileThreads / 32;
 constexpr int64_t kMinSlotsPerChunk = 1024;
 constexpr int64_t kMaxScanEntries = 1 << 16;
@@ -117,15 +117,15 @@ void plan_cuda(const PlanArgs& a, int device, uintptr_t stream) {
   cudaStream_t s = cuda::as_stream(stream);
   const int64_t chunks = chunks_for(a.slots, a.n_ffn);
   const int64_t chunk = std::max<int64_t>(1, (a.slots + chunks - 1) / chunks);
-  const size_t hist_bytes = sizeof(int32_t) * a.n_ffn;
-  count_kernel<<<chunks, 256, hist_bytes, s>>>(a.ids, a.slots, a.n_ffn, chunk, a.workspace);
+  const PlanSharedBytes smem = plan_shared_bytes(a.n_ffn);
+  cuda::allow_shared_memory(count_kernel, smem.count);
+  count_kernel<<<chunks, 256, smem.count, s>>>(a.ids, a.slots, a.n_ffn, chunk, a.workspace);
   // Checked after each launch: no kernel runs on a workspace that a failed one never wrote.
   cuda::check(cudaGetLastError(), "permutation plan count kernel");
   scan_kernel<<<1, kScanThreads, 0, s>>>(a.workspace, int64_t(a.n_ffn) * chunks, chunks, a.n_ffn, a.offsets);
   cuda::check(cudaGetLastError(), "permutation plan scan kernel");
-  const size_t scatter_bytes = sizeof(int32_t) * a.n_ffn * (1 + kTileWarps);
-  cuda::allow_shared_memory(scatter_kernel, scatter_bytes);
-  scatter_kernel<<<chunks, kTileThreads, scatter_bytes, s>>>(a.ids, a.slots, a.n_ffn, chunk, a.workspace, a.row_src,
+  cuda::allow_shared_memory(scatter_kernel, smem.scatter);
+  scatter_kernel<<<chunks, kTileThreads, smem.scatter, s>>>(a.ids, a.slots, a.n_ffn, chunk, a.workspace, a.row_src,
                                                              a.slot_row);
   cuda::check(cudaGetLastError(), "permutation plan scatter kernel");
 }

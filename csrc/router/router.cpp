@@ -33,7 +33,7 @@ void validate_options(const RouterOptions& opt) {
   if (opt.gating != Gating::kSoftmaxTopK && opt.gating != Gating::kTopKSoftmax) {
     throw_invalid("gating", "unknown gating mode");
   }
-  if (!(std::isfinite(opt.sigma) && opt.sigma > 0.0f)) throw_invalid("sigma", "must be finite and > 0");
+  if (!(std::isfinite(opt.sigma) && opt.sigma > 0.0)) throw_invalid("sigma", "must be finite and > 0");
   if (!std::isfinite(opt.scaling)) throw_invalid("routed_scaling_factor", "must be finite");
 }
 
@@ -45,7 +45,7 @@ void forward(const RouterOptions& opt, const TensorView& logits, const std::opti
              const std::optional<TensorView>& residual_weight, const std::optional<TensorView>& bias,
              const TensorView& ids, const TensorView& weights, const std::optional<TensorView>& logits_out,
              const TensorView& counts, const std::optional<TensorView>& prob_partials, int num_threads,
-             uintptr_t stream) {
+             uintptr_t stream, int cpu_lanes) {
   validate_options(opt);
   const int64_t n = opt.num_experts;
   const int64_t k = opt.top_k;
@@ -83,6 +83,8 @@ void forward(const RouterOptions& opt, const TensorView& logits, const std::opti
     args.prob_partials = data_or_null<T>(prob_partials);
     if (dev == DeviceType::kCUDA) {
       forward_cuda<T>(opt, args, idx, stream);
+    } else if (cpu_lanes > 0) {
+      forward_lanes<T>(cpu_lanes, opt, args);
     } else {
       forward_cpu<T>(opt, args, num_threads);
     }
@@ -93,7 +95,7 @@ void backward(const RouterOptions& opt, const TensorView& routed, const TensorVi
               const std::optional<TensorView>& grad_weights, const std::optional<TensorView>& grad_logits_out,
               const std::optional<TensorView>& grad_prob_sum, const std::optional<TensorView>& residual_weight,
               const TensorView& grad_logits, const std::optional<TensorView>& grad_prev, int num_threads,
-              uintptr_t stream) {
+              uintptr_t stream, int cpu_lanes) {
   validate_options(opt);
   const int64_t n = opt.num_experts;
   const int64_t k = opt.top_k;
@@ -128,6 +130,8 @@ void backward(const RouterOptions& opt, const TensorView& routed, const TensorVi
     args.grad_prev = data_or_null<T>(grad_prev);
     if (dev == DeviceType::kCUDA) {
       backward_cuda<T>(opt, args, idx, stream);
+    } else if (cpu_lanes > 0) {
+      backward_lanes<T>(cpu_lanes, opt, args);
     } else {
       backward_cpu<T>(opt, args, num_threads);
     }

@@ -47,22 +47,30 @@ void forward_cuda(const RouterOptions& opt, const ForwardArgs<T>& args, int devi
 template <typename T>
 void backward_cuda(const RouterOptions& opt, const BackwardArgs<T>& args, int device, uintptr_t stream);
 int64_t cuda_partial_rows(int64_t tokens, int num_experts);
+// Test-only: the CUDA kernels' per-token execution by `lanes` CPU threads sharing
+// one token, as a warp slice does (router_lanes.cpp).
+template <typename T>
+void forward_lanes(int lanes, const RouterOptions& opt, const ForwardArgs<T>& args);
+template <typename T>
+void backward_lanes(int lanes, const RouterOptions& opt, const BackwardArgs<T>& args);
 
 void validate_options(const RouterOptions& opt);
 
 // Rows of the per-block probability sums the forward writes (sum them for P).
+// forward / backward: cpu_lanes > 0 runs CPU tensors through forward_lanes /
+// backward_lanes instead of the CPU twin (tests only).
 int64_t partial_rows(int64_t tokens, int num_experts, DeviceType device);
 
 void forward(const RouterOptions& opt, const TensorView& logits, const std::optional<TensorView>& prev,
              const std::optional<TensorView>& residual_weight, const std::optional<TensorView>& bias,
              const TensorView& ids, const TensorView& weights, const std::optional<TensorView>& logits_out,
              const TensorView& counts, const std::optional<TensorView>& prob_partials, int num_threads,
-             uintptr_t stream);
+             uintptr_t stream, int cpu_lanes = 0);
 
 void backward(const RouterOptions& opt, const TensorView& routed, const TensorView& ids,
               const std::optional<TensorView>& grad_weights, const std::optional<TensorView>& grad_logits_out,
               const std::optional<TensorView>& grad_prob_sum, const std::optional<TensorView>& residual_weight,
               const TensorView& grad_logits, const std::optional<TensorView>& grad_prev, int num_threads,
-              uintptr_t stream);
+              uintptr_t stream, int cpu_lanes = 0);
 
 }  // namespace moepp::router

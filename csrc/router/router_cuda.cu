@@ -2,87 +2,34 @@
 // running the per-token math of router_math.h. G is staged in shared memory
 // when it fits; per-block expert counts and probability sums are reduced in
 // shared memory and written once per block (no host sync, no allocation).
-#include <type_traits>
-
 #include "../cuda/cuda_utils.h"
 #include "router.h"
+#include "router_launch.h"
 
 namespace moepp::router {
 
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kMaxBlocks = 4096;
-constexpr int kElementsPerLane = 4;
-constexpr size_t kMaxStagedG = 128 * 129 * sizeof(double);  // fp64 up to N = 128 (fp32 up to N = 181)
-
 template <int LANES>
-struct WarpGroup {
-  static constexpr int kSize = LANES;
+struct WarpExchange {
   unsigned mask;
   int lane;
 
-  __device__ WarpGroup() {
+  __device__ WarpExchange() {
     const int warp_lane = threadIdx.x % 32;
     lane = warp_lane % LANES;
     mask = LANES == 32 ? 0xffffffffu : (((1u << LANES) - 1u) << (warp_lane - lane));
   }
   __device__ int rank() const { return lane; }
   template <typename T>
-  __device__ T sum(T v) const {
-    for (int offset = LANES / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset, LANES);
-    return v;
-  }
-  template <typename T>
-  __device__ T max(T v) const {
-    for (int offset = LANES / 2; offset > 0; offset /= 2) {
-      const T other = __shfl_xor_sync(mask, v, offset, LANES);
-      v = other > v ? other : v;
-    }
-    return v;
-  }
-  template <typename T>
-  __device__ Candidate<T> best(Candidate<T> c) const {
-    for (int offset = LANES / 2; offset > 0; offset /= 2) {
-      const Candidate<T> other{__shfl_xor_sync(mask, c.score, offset, LANES),
-                               __shfl_xor_sync(mask, c.id, offset, LANES)};
-      if (better(other, c)) c = other;
-    }
-    return c;
+  __device__ T shfl_xor(T v, int offset) const {
+    return __shfl_xor_sync(mask, v, offset, LANES);
   }
   __device__ void sync() const { __syncwarp(mask); }
 };
 
-int lanes_for(int num_experts) {
-  int lanes = 1;
-  while (lanes < 32 && lanes * kElementsPerLane < num_experts) lanes *= 2;
-  return lanes;
-}
-
-template <typename F>
-void with_lanes(int lanes, F&& f) {
-  switch (lanes) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    default: f(std::integral_constant<int, 32>{}); break;
-  }
-}
-
-int64_t blocks_for(int64_t tokens, int lanes) {
-  const int64_t groups = kThreads / lanes;
-  return std::min<int64_t>((tokens + groups - 1) / groups, kMaxBlocks);
-}
-
-// G is staged in shared memory when it is small and the device has room for it
-// next to the scratch (`scratch_bytes`); otherwise it is read through L1/L2.
-template <typename T>
-bool stage_g(const T* G, int n, size_t scratch_bytes) {
-  const size_t g_bytes = sizeof(T) * n * (n + 1);
-  return G != nullptr && g_bytes <= kMaxStagedG && g_bytes + scratch_bytes <= cuda::max_shared_memory();
-}
+template <int LANES>
+using WarpGroup = ButterflyGroup<LANES, WarpExchange<LANES>>;
 
 // Copies G [n, n] into shared memory with row stride n + 1 (fewer bank conflicts).
 template <typename T>
@@ -106,8 +53,11 @@ __device__ void stage_row(const Group& g, const T* row, int n, T* dst) {
   }
 }
 
+// Both kernels take minBlocksPerSM = 1: ptxas otherwise caps them at 96-128
+// registers and spills the per-slot arrays (ids, gates) that the unrolled slot
+// loops keep in registers.
 template <int LANES, typename T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(RouterOptions opt, ForwardArgs<T> a, bool staged) {
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(RouterOptions opt, ForwardArgs<T> a, bool staged) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int kGroups = kThreads / LANES;
   const int n = opt.num_experts;
@@ -135,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RouterOptions opt, Fo
   for (int j = threadIdx.x; j < n; j += kThreads) counts[j] = 0;
   __syncthreads();
 
-  const WarpGroup<LANES> g;
+  const WarpGroup<LANES> g{WarpExchange<LANES>()};
   T* prob_acc = prob_base != nullptr ? prob_base + group * n : nullptr;
   for (int64_t t = int64_t(blockIdx.x) * kGroups + group; t < a.tokens; t += int64_t(gridDim.x) * kGroups) {
     g.sync();
@@ -149,11 +99,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RouterOptions opt, Fo
     T gates[kMaxTopK];
     T* out = a.logits_out != nullptr ? a.logits_out + t * n : nullptr;
     route_token(g, opt, val, a.G != nullptr ? G : nullptr, ldg, a.bias, out, val, sel, prob_acc, ids, gates);
-    for (int s = g.rank(); s < k; s += LANES) {
+    for_each_slot(k, [&](int s) {
+      if (s % LANES != g.rank()) return;
       a.ids[t * k + s] = ids[s];
       a.weights[t * k + s] = gates[s];
       atomicAdd(&counts[ids[s]], 1);
-    }
+    });
   }
   __syncthreads();
   for (int j = threadIdx.x; j < n; j += kThreads) {
@@ -167,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(RouterOptions opt, Fo
 }
 
 template <int LANES, typename T>
-__global__ void __launch_bounds__(kThreads) backward_kernel(RouterOptions opt, BackwardArgs<T> a, bool staged) {
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(RouterOptions opt, BackwardArgs<T> a, bool staged) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int kGroups = kThreads / LANES;
   const int n = opt.num_experts;
@@ -186,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(RouterOptions opt, B
   T* buf = cursor + group * n;
   __syncthreads();
 
-  const WarpGroup<LANES> g;
+  const WarpGroup<LANES> g{WarpExchange<LANES>()};
   for (int64_t t = int64_t(blockIdx.x) * kGroups + group; t < a.tokens; t += int64_t(gridDim.x) * kGroups) {
     g.sync();
     stage_row(g, a.routed + t * n, n, val);
@@ -207,16 +158,14 @@ void forward_cuda(const RouterOptions& opt, const ForwardArgs<T>& args, int devi
   if (args.tokens == 0) return;
   cuda::DeviceGuard guard(device);
   const int n = opt.num_experts;
-  const int lanes = lanes_for(n);
-  with_lanes(lanes, [&](auto lanes_c) {
-    constexpr int L = decltype(lanes_c)::value;
-    constexpr int groups = kThreads / L;
-    const size_t scratch = sizeof(T) * groups * n * (args.prob_partials ? 3 : 2) + sizeof(int32_t) * n;
-    const bool staged = stage_g(args.G, n, scratch);
-    const size_t bytes = scratch + (staged ? sizeof(T) * n * (n + 1) : 0);
+  with_lanes(lanes_for(n), [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
     auto kernel = forward_kernel<L, T>;
-    cuda::allow_shared_memory(kernel, bytes);
-    kernel<<<blocks_for(args.tokens, L), kThreads, bytes, cuda::as_stream(stream)>>>(opt, args, staged);
+    const cuda::KernelSharedMemory limits = cuda::shared_memory_of(kernel);
+    const SharedLayout smem =
+        shared_layout(true, sizeof(T), n, args.prob_partials != nullptr, args.G != nullptr, limits.budget());
+    cuda::allow_shared_memory(kernel, limits, smem.bytes);
+    kernel<<<blocks_for(args.tokens, L), kThreads, smem.bytes, cuda::as_stream(stream)>>>(opt, args, smem.staged);
   });
   cuda::check(cudaGetLastError(), "router forward kernel launch");
 }
@@ -226,16 +175,13 @@ void backward_cuda(const RouterOptions& opt, const BackwardArgs<T>& args, int de
   if (args.tokens == 0) return;
   cuda::DeviceGuard guard(device);
   const int n = opt.num_experts;
-  const int lanes = lanes_for(n);
-  with_lanes(lanes, [&](auto lanes_c) {
-    constexpr int L = decltype(lanes_c)::value;
-    constexpr int groups = kThreads / L;
-    const size_t scratch = sizeof(T) * groups * n * 2;
-    const bool staged = stage_g(args.G, n, scratch);
-    const size_t bytes = scratch + (staged ? sizeof(T) * n * (n + 1) : 0);
+  with_lanes(lanes_for(n), [&](auto lanes) {
+    constexpr int L = decltype(lanes)::value;
     auto kernel = backward_kernel<L, T>;
-    cuda::allow_shared_memory(kernel, bytes);
-    kernel<<<blocks_for(args.tokens, L), kThreads, bytes, cuda::as_stream(stream)>>>(opt, args, staged);
+    const cuda::KernelSharedMemory limits = cuda::shared_memory_of(kernel);
+    const SharedLayout smem = shared_layout(false, sizeof(T), n, false, args.G != nullptr, limits.budget());
+    cuda::allow_shared_memory(kernel, limits, smem.bytes);
+    kernel<<<blocks_for(args.tokens, L), kThreads, smem.bytes, cuda::as_stream(stream)>>>(opt, args, smem.staged);
   });
   cuda::check(cudaGetLastError(), "router backward kernel launch");
 }

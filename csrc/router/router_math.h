@@ -3,7 +3,8 @@
 // is written against a `Group`: the threads that cooperate on that token.
 // Element j of the token belongs to member j % Group::kSize; reductions and
 // barriers go through the group. On the CPU the group is one thread
-// (SerialGroup); the CUDA kernel uses a slice of a warp.
+// (SerialGroup); the CUDA kernel uses a slice of a warp (ButterflyGroup), which
+// a test-only CPU team of threads also runs (router_lanes.cpp).
 #pragma once
 
 #include <cmath>
@@ -27,9 +28,9 @@ struct RouterOptions {
   int32_t zero_begin = 1;  // experts [zero_begin, num_experts) are zero experts
   Gating gating = Gating::kSoftmaxTopK;
   bool normalize = false;  // logits normalisation to target std `sigma`
-  float sigma = 1.0f;
+  double sigma = 1.0;       // target std (double: an fp64 router sees the exact value)
   bool renormalize = true;  // softmax_topk: divide the k gates by their sum
-  float scaling = 1.0f;     // routed scaling factor
+  double scaling = 1.0;     // routed scaling factor
   bool scale_identity = true;
 };
 
@@ -71,6 +72,40 @@ struct SerialGroup {
   template <typename T>
   MOEPP_HD Candidate<T> best(Candidate<T> c) const { return c; }
   MOEPP_HD void sync() const {}
+};
+
+// LANES members (a power of two) that exchange values through `Exchange`, as the
+// lanes of a warp slice do with __shfl_xor_sync (the CUDA kernel), or as the
+// threads of the CPU test team do (router_lanes.cpp). Reductions are butterflies:
+// every member ends with the same bits, added in the order the GPU adds them.
+// Exchange provides rank(), shfl_xor(v, offset) and sync().
+template <int LANES, class Exchange>
+struct ButterflyGroup {
+  static constexpr int kSize = LANES;
+  Exchange ex;
+  MOEPP_HD int rank() const { return ex.rank(); }
+  template <typename T>
+  MOEPP_HD T sum(T v) const {
+    for (int offset = LANES / 2; offset > 0; offset /= 2) v += ex.shfl_xor(v, offset);
+    return v;
+  }
+  template <typename T>
+  MOEPP_HD T max(T v) const {
+    for (int offset = LANES / 2; offset > 0; offset /= 2) {
+      const T other = ex.shfl_xor(v, offset);
+      v = other > v ? other : v;
+    }
+    return v;
+  }
+  template <typename T>
+  MOEPP_HD Candidate<T> best(Candidate<T> c) const {
+    for (int offset = LANES / 2; offset > 0; offset /= 2) {
+      const Candidate<T> other{ex.shfl_xor(c.score, offset), ex.shfl_xor(c.id, offset)};
+      if (better(other, c)) c = other;
+    }
+    return c;
+  }
+  MOEPP_HD void sync() const { ex.sync(); }
 };
 
 // Row statistics from which z (normalised logits) and p = softmax(z) follow.
@@ -145,9 +180,22 @@ MOEPP_HD SoftmaxStats<T> softmax_stats(const Group& g, const RouterOptions& opt,
 
 MOEPP_HD bool is_zero_expert(const RouterOptions& opt, int32_t id) { return id >= opt.zero_begin; }
 
-MOEPP_HD float slot_scale(const RouterOptions& opt, int32_t id) {
+template <typename T>
+MOEPP_HD T slot_scale(const RouterOptions& opt, int32_t id) {
   const bool identity = id >= opt.copy_begin && id < opt.copy_end;
-  return identity && !opt.scale_identity ? 1.0f : opt.scaling;
+  return identity && !opt.scale_identity ? T(1) : T(opt.scaling);
+}
+
+// Calls f(s) for the slots s < k. The loop runs to the compile-time kMaxTopK and
+// is unrolled in device code, so the per-slot arrays of the kernels (ids, gates)
+// are indexed by constants and live in registers, not in local memory.
+template <typename F>
+MOEPP_HD void for_each_slot(int k, F&& f) {
+  MOEPP_UNROLL
+  for (int s = 0; s < kMaxTopK; ++s) {
+    if (s >= k) break;
+    f(s);
+  }
 }
 
 // Gates of the k chosen experts before the routed scaling factor.
@@ -157,41 +205,39 @@ MOEPP_HD float slot_scale(const RouterOptions& opt, int32_t id) {
 template <typename T>
 MOEPP_HD void slot_gates(const RouterOptions& opt, const SoftmaxStats<T>& st, const T* val, const int32_t* ids, T* gates) {
   const int k = opt.top_k;
+  T total = 0;
   if (opt.gating == Gating::kSoftmaxTopK) {
-    T total = 0;
-    for (int s = 0; s < k; ++s) {
+    for_each_slot(k, [&](int s) {
       gates[s] = is_zero_expert(opt, ids[s]) ? T(0) : st.prob(val[ids[s]]);
       total += gates[s];
-    }
-    if (opt.renormalize) {
-      for (int s = 0; s < k; ++s) gates[s] = total > T(0) ? gates[s] / total : T(0);
-    }
-    return;
+    });
+    if (!opt.renormalize) return;
+  } else {
+    T m = neg_inf<T>();
+    for_each_slot(k, [&](int s) {
+      const T zs = st.z(val[ids[s]]);
+      m = zs > m ? zs : m;
+    });
+    for_each_slot(k, [&](int s) {
+      const T zs = st.z(val[ids[s]]);
+      if (m == neg_inf<T>()) {
+        gates[s] = T(0);
+      } else if (m == pos_inf<T>()) {
+        gates[s] = zs == pos_inf<T>() ? T(1) : T(0);
+      } else {
+        gates[s] = std::exp(zs - m);
+      }
+      total += gates[s];
+    });
   }
-  T m = neg_inf<T>();
-  for (int s = 0; s < k; ++s) {
-    const T zs = st.z(val[ids[s]]);
-    m = zs > m ? zs : m;
-  }
-  T total = 0;
-  for (int s = 0; s < k; ++s) {
-    const T zs = st.z(val[ids[s]]);
-    if (m == neg_inf<T>()) {
-      gates[s] = T(0);
-    } else if (m == pos_inf<T>()) {
-      gates[s] = zs == pos_inf<T>() ? T(1) : T(0);
-    } else {
-      gates[s] = std::exp(zs - m);
-    }
-    total += gates[s];
-  }
-  for (int s = 0; s < k; ++s) gates[s] = total > T(0) ? gates[s] / total : T(0);
+  for_each_slot(k, [&](int s) { gates[s] = total > T(0) ? gates[s] / total : T(0); });
 }
 
 // Forward for one token. On entry `val` holds l (or, with a residual, the
 // group has staged r in `sel` and `prev_g` points at G with row stride ldg).
 // Writes l' = l + r·Gᵀ into `val` (and `logits_out` when given), adds p into
-// `prob_acc` when given, and returns the chosen ids and final weights.
+// `prob_acc` when given, and returns the chosen ids and final weights (arrays
+// of kMaxTopK, indexed by slot only: registers in the kernel).
 template <class Group, typename T>
 MOEPP_HD void route_token(const Group& g, const RouterOptions& opt, const T* logits, const T* G, int64_t ldg,
                           const T* bias, T* logits_out, T* val, T* sel, T* prob_acc, int32_t* ids, T* weights) {
@@ -215,7 +261,7 @@ MOEPP_HD void route_token(const Group& g, const RouterOptions& opt, const T* log
     if (bias != nullptr) score += bias[j];
     sel[j] = routing_value(score);
   }
-  for (int s = 0; s < opt.top_k; ++s) {
+  for_each_slot(opt.top_k, [&](int s) {
     Candidate<T> c{std::numeric_limits<T>::quiet_NaN(), INT32_MAX};
     for (int j = g.rank(); j < n; j += Group::kSize) {
       const Candidate<T> cj{sel[j], j};
@@ -224,9 +270,9 @@ MOEPP_HD void route_token(const Group& g, const RouterOptions& opt, const T* log
     c = g.best(c);
     ids[s] = c.id;
     if (c.id % Group::kSize == g.rank()) sel[c.id] = std::numeric_limits<T>::quiet_NaN();
-  }
+  });
   slot_gates(opt, st, val, ids, weights);
-  for (int s = 0; s < opt.top_k; ++s) weights[s] *= T(slot_scale(opt, ids[s]));
+  for_each_slot(opt.top_k, [&](int s) { weights[s] *= slot_scale<T>(opt, ids[s]); });
 }
 
 // Backward for one token. `val` must hold l' (the routed logits, staged by the
@@ -235,54 +281,56 @@ MOEPP_HD void route_token(const Group& g, const RouterOptions& opt, const T* log
 // (each may be null); writes dL/dl' into `grad_logits` and, when G is given,
 // dL/dr = dl'·G into `grad_prev`.
 template <class Group, typename T>
-MOEPP_HD void route_token_backward(const Group& g, const RouterOptions& opt, const int32_t* ids, const T* grad_weights,
-                                   const T* grad_logits_out, const T* grad_prob_sum, const T* G, int64_t ldg,
-                                   T* grad_logits, T* grad_prev, const T* val, T* buf) {
+MOEPP_HD void route_token_backward(const Group& g, const RouterOptions& opt, const int32_t* token_ids,
+                                   const T* grad_weights, const T* grad_logits_out, const T* grad_prob_sum, const T* G,
+                                   int64_t ldg, T* grad_logits, T* grad_prev, const T* val, T* buf) {
   const int n = opt.num_experts;
   const int k = opt.top_k;
   const SoftmaxStats<T> st = softmax_stats(g, opt, val);
 
+  int32_t ids[kMaxTopK];
   T gates[kMaxTopK];
   T dgate[kMaxTopK];
+  for_each_slot(k, [&](int s) { ids[s] = token_ids[s]; });
   slot_gates(opt, st, val, ids, gates);
-  for (int s = 0; s < k; ++s) dgate[s] = grad_weights != nullptr ? grad_weights[s] * T(slot_scale(opt, ids[s])) : T(0);
+  for_each_slot(k, [&](int s) {
+    dgate[s] = grad_weights != nullptr ? grad_weights[s] * slot_scale<T>(opt, ids[s]) : T(0);
+  });
   // dgate becomes the gradient w.r.t. p[ids[s]] (softmax_topk) or z[ids[s]] (topk_softmax).
+  T dot = 0;
+  for_each_slot(k, [&](int s) { dot += dgate[s] * gates[s]; });
   if (opt.gating == Gating::kSoftmaxTopK) {
     if (opt.renormalize) {
       T raw_total = 0;
-      for (int s = 0; s < k; ++s) raw_total += is_zero_expert(opt, ids[s]) ? T(0) : st.prob(val[ids[s]]);
-      T dot = 0;
-      for (int s = 0; s < k; ++s) dot += dgate[s] * gates[s];
-      for (int s = 0; s < k; ++s) dgate[s] = raw_total > T(0) ? (dgate[s] - dot) / raw_total : T(0);
+      for_each_slot(k, [&](int s) { raw_total += is_zero_expert(opt, ids[s]) ? T(0) : st.prob(val[ids[s]]); });
+      for_each_slot(k, [&](int s) { dgate[s] = raw_total > T(0) ? (dgate[s] - dot) / raw_total : T(0); });
     }
-    for (int s = 0; s < k; ++s) {
+    for_each_slot(k, [&](int s) {
       if (is_zero_expert(opt, ids[s])) dgate[s] = T(0);
-    }
+    });
   } else {
-    T dot = 0;
-    for (int s = 0; s < k; ++s) dot += dgate[s] * gates[s];
-    for (int s = 0; s < k; ++s) dgate[s] = gates[s] * (dgate[s] - dot);
+    for_each_slot(k, [&](int s) { dgate[s] = gates[s] * (dgate[s] - dot); });
   }
 
   const bool by_prob = opt.gating == Gating::kSoftmaxTopK;
   for (int j = g.rank(); j < n; j += Group::kSize) buf[j] = grad_prob_sum != nullptr ? grad_prob_sum[j] : T(0);
   if (by_prob) {
-    for (int s = 0; s < k; ++s) {
+    for_each_slot(k, [&](int s) {
       if (ids[s] % Group::kSize == g.rank()) buf[ids[s]] += dgate[s];
-    }
+    });
   }
   // Softmax backward: dz = p * (dp - sum(p * dp)); 0 where the softmax is a
   // constant (rows without a finite maximum).
-  T dot = 0;
-  for (int j = g.rank(); j < n; j += Group::kSize) dot += st.prob(val[j]) * buf[j];
-  dot = g.sum(dot);
+  T pdot = 0;
+  for (int j = g.rank(); j < n; j += Group::kSize) pdot += st.prob(val[j]) * buf[j];
+  pdot = g.sum(pdot);
   for (int j = g.rank(); j < n; j += Group::kSize) {
-    buf[j] = st.finite_softmax() ? st.prob(val[j]) * (buf[j] - dot) : T(0);
+    buf[j] = st.finite_softmax() ? st.prob(val[j]) * (buf[j] - pdot) : T(0);
   }
   if (!by_prob) {
-    for (int s = 0; s < k; ++s) {
+    for_each_slot(k, [&](int s) {
       if (ids[s] % Group::kSize == g.rank() && std::isfinite(st.z(val[ids[s]]))) buf[ids[s]] += dgate[s];
-    }
+    });
   }
   // Normalisation backward: z = l' * sigma / std(l').
   T zdot = 0;
