@@ -1,6 +1,6 @@
 """Build moepp_kernels._C with CMake + Ninja (no torch needed at build time).
 
-Environment knobs: MOEPP_CUDA (auto|0|1), MOEPP_CUDA_ARCHS (default "90a"),
+Environment knobs: MOEPP_CUDA (auto|0|1), MOEPP_CUDA_ARCHS (default "80;90a"),
 MOEPP_CUTLASS_DIR (CUTLASS source root; default: the nvidia-cutlass wheel's),
 MAX_JOBS (default: from cores and free memory), CMAKE_BUILD_TYPE. ccache is
 used when it is on PATH.
@@ -78,7 +78,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
             f"-DMOEPP_CUDA={os.environ.get('MOEPP_CUDA', 'auto')}",
-            f"-DMOEPP_CUDA_ARCHS={os.environ.get('MOEPP_CUDA_ARCHS', '90a')}",
+            f"-DMOEPP_CUDA_ARCHS={os.environ.get('MOEPP_CUDA_ARCHS', '80;90a')}",
             f"-DMOEPP_CUTLASS_DIR={cutlass_dir()}",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             "-G",

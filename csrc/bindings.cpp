@@ -3,8 +3,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
 #include <vector>
 
+#include "build_config.h"
+#include "cuda/arch_support.h"
 #include "cuda/shared_memory.h"
 #include "gemm/grouped_gemm.h"
 #include "moe/combine.h"
@@ -56,6 +59,19 @@ bool built_with_cuda() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moepp_kernels C++/CUDA kernels (torch-free; tensors cross as TensorView)";
   m.def("built_with_cuda", &built_with_cuda);
+  // What the build compiled and where it runs (csrc/cuda/arch_support.h).
+  m.def("cuda_archs", [] { return moepp::cuda::split_archs(MOEPP_CUDA_ARCH_LIST); });
+  m.def(
+      "cuda_arch_support",
+      [](int major, int minor, const std::vector<std::string>& archs) {
+        static const char* names[] = {"none", "ptx", "native"};
+        return std::string(names[static_cast<int>(moepp::cuda::arch_support(major, minor, archs))]);
+      },
+      py::arg("major"), py::arg("minor"), py::arg("archs"));
+  m.def("cutlass_family_for", &moepp::cuda::cutlass_family_for, py::arg("major"), py::arg("minor"),
+        py::arg("families"));
+  m.def("unsupported_device_message", &moepp::cuda::unsupported_device_message, py::arg("name"), py::arg("device"),
+        py::arg("major"), py::arg("minor"), py::arg("archs"));
 
   py::class_<TensorView>(m, "TensorView")
       .def(py::init(&make_view), py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("dtype"),

@@ -71,9 +71,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dims
         if not archs:
             raise ValueError("gemm_backend='cutlass' needs a build with the CUTLASS kernels (nvcc, the "
                              "nvidia-cutlass headers and 90a or 80 in MOEPP_CUDA_ARCHS)")
-        major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
-        if major not in {a // 10 for a in archs}:
-            raise ValueError(f"gemm_backend='cutlass' was built for sm{list(archs)} and runs on those GPUs only")
+        if device.type != "cuda":
+            raise ValueError("gemm_backend='cutlass' runs on CUDA tensors")
+        capability = torch.cuda.get_device_capability(device)
+        if not _C.cutlass_family_for(*capability, list(archs)):
+            raise ValueError(f"gemm_backend='cutlass' was built for sm{list(archs)}: sm90 runs on compute capability "
+                             f"9.0, sm80 on 8.0 and newer; this GPU is {capability[0]}.{capability[1]}")
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"gemm_backend='cutlass' runs bfloat16 or float16, got {dtype}")
         if not aligned:

@@ -13,7 +13,7 @@ from moepp_kernels._tensors import view
 
 FORWARD, GRAD_INPUT, GRAD_WEIGHT = 0, 1, 2
 SIZES = {"ragged_with_empty": [5, 0, 17, 1, 0, 9], "one_group": [23], "all_in_one": [0, 0, 300, 0]}
-HAS_CUTLASS_GPU = HAS_CUDA and torch.cuda.get_device_capability()[0] in {a // 10 for a in _C.cutlass_archs()}
+HAS_CUTLASS_GPU = HAS_CUDA and _C.cutlass_family_for(*torch.cuda.get_device_capability(), _C.cutlass_archs()) > 0
 
 
 def offsets_of(sizes):

@@ -19,10 +19,16 @@ inline void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-// Makes `device` current for the scope and restores the caller's device after.
+// Throws a clear error when this build carries no code that runs on `device`
+// (device_check.cu; checked once per device, then cached).
+void require_supported_device(int device);
+
+// Makes `device` current for the scope and restores the caller's device after;
+// every launcher starts with one, so it also runs the device check.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
+    require_supported_device(device);
     check(cudaGetDevice(&previous_), "cudaGetDevice");
     if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
   }

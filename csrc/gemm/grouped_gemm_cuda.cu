@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <string>
 
+#include "../cuda/arch_support.h"
 #include "../cuda/cuda_utils.h"
 #include "cutlass_families.h"
 #include "grouped_gemm_impl.h"
@@ -36,20 +37,24 @@ MOEPP_FAMILIES_OF(sm80)
 #endif
 #undef MOEPP_FAMILIES_OF
 
-// sm90 kernels on compute capability 9.0, sm80 kernels on 8.x; else a clear error.
+// The family cutlass_family_for() picks for the device (arch_support.h): sm90 on 9.0,
+// sm80 on 8.x (and by PTX JIT on newer GPUs); else a clear error.
 template <typename F>
 auto by_family(Product product, DType dtype, int device, F&& f) {
-  int major = 0;
+  int major = 0, minor = 0;
   cuda::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  cuda::check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
   const bool bf16 = dtype == DType::kBFloat16;
+  const int family = cuda::cutlass_family_for(major, minor, cutlass_archs());
 #ifdef MOEPP_WITH_CUTLASS_SM90
-  if (major == 9) return sm90_family(product, bf16, f);
+  if (family == 90) return sm90_family(product, bf16, f);
 #endif
 #ifdef MOEPP_WITH_CUTLASS_SM80
-  if (major == 8) return sm80_family(product, bf16, f);
+  if (family == 80) return sm80_family(product, bf16, f);
 #endif
-  throw std::runtime_error("moepp_kernels has no CUTLASS grouped GEMM built for compute capability " +
-                           std::to_string(major) + ".x (MOEPP_CUDA_ARCHS)");
+  throw std::runtime_error("moepp_kernels has no CUTLASS grouped GEMM that runs on compute capability " +
+                           std::to_string(major) + "." + std::to_string(minor) +
+                           " (the sm90 family needs 9.0; the sm80 family, 8.0 or newer: MOEPP_CUDA_ARCHS)");
 }
 
 // An expert without rows has an empty weight-gradient sum: its slice of dW is
