@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import HAS_GPU
 
-from moepp_kernels import MoEPPConfig, MoEPPLayer, build_plan, combine, fused_router, grouped_gemm
+from moepp_kernels import MoEPPConfig, MoEPPLayer, build_plan, fused_router, grouped_gemm
 from moepp_kernels import reference as R
+from moepp_kernels._ops.combine import layout_scalars
 
 # (preset, tokens, devices it runs on): 0.6B at T = 4096 everywhere, 7B at T = 16384 on a GPU.
 CASES = [("0.6b", 4096, ("cpu", "cuda")), ("7b", 16384, ("cuda",))]
@@ -125,8 +126,9 @@ def bench_layer_parts(measure, quick, preset, tokens, device, part):
         "layer": lambda: layer(x, prev),
         "router": lambda: fused_router(logits, cfg, prev_logits=prev, residual_weight=layer.router.residual_weight),
         "plan": lambda: build_plan(route.topk_ids, cfg.n_ffn),
-        "combine": lambda: combine(x, y, route.topk_ids, route.topk_weights, plan.slot_row, mix, layer.const_value,
-                                   cfg.n_ffn, cfg.copy_begin, cfg.zero_begin, cfg.n_experts, 1.0),
+        # the op the layer runs (the public combine also checks the indices on the CPU)
+        "combine": lambda: torch.ops.moepp.combine(x, y, route.topk_ids, route.topk_weights, plan.slot_row, mix,
+                                                   layer.const_value, *layout_scalars(cfg)),
     }
     e, k, n, d = x.element_size(), cfg.top_k, cfg.n_experts, cfg.hidden_size
     rows = int(plan.offsets[-1])

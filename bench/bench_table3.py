@@ -22,7 +22,9 @@ from synthetic import (
     vanilla_config,
 )
 
-from moepp_kernels import MoEPPLayer, build_plan, combine, expert_ffn, fused_router
+from moepp_kernels import MoEPPLayer, build_plan, fused_router, grouped_gemm
+from moepp_kernels._ops.combine import layout_scalars
+from moepp_kernels._ops.expert_ffn import apply_expert_ffn
 
 # Tokens per layout: T = 16384 on a GPU; CPU-sized on the CPU (same comparisons, 2 cores).
 GPU_TOKENS = 16384
@@ -37,11 +39,13 @@ def expert_forward(layer: MoEPPLayer, x: torch.Tensor, logits: torch.Tensor):
     mix = torch.zeros(x.shape[0], 2 * cfg.n_constant, device=x.device)
     scale = float(cfg.top_k) if cfg.scale_input_by_topk else 1.0
 
-    def run():
+    backend = grouped_gemm.resolve_backend("auto", x.device, x.dtype, (cfg.hidden_size, cfg.ffn_size))
+
+    def run():  # what the layer runs after its router (the private ops: no index checks)
         plan = build_plan(route.topk_ids, cfg.n_ffn)
-        y = expert_ffn(x, layer.up, layer.down, plan.row_src, plan.slot_row, plan.offsets, cfg.top_k, scale, "auto")
-        return combine(x, y, route.topk_ids, route.topk_weights, plan.slot_row, mix, layer.const_value, cfg.n_ffn,
-                       cfg.copy_begin, cfg.zero_begin, cfg.n_experts, scale)
+        y = apply_expert_ffn(x, layer.up, layer.down, plan, cfg.top_k, scale, backend)
+        return torch.ops.moepp.combine(x, y, route.topk_ids, route.topk_weights, plan.slot_row, mix,
+                                       layer.const_value, *layout_scalars(cfg))
 
     return run, measured_share(cfg, route.topk_ids)
 

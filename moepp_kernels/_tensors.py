@@ -9,6 +9,9 @@ from torch import Tensor
 
 from . import _C
 
+# The dtypes of a layer's activations and expert weights.
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 DTYPE_CODES = {
     torch.float32: 0,
     torch.float64: 1,

@@ -6,92 +6,51 @@ with [a1, a2] = softmax of the constant expert's two mixing logits, zero slots
 contributing nothing (they never read x, y or v), fp32 accumulation and one
 write in the model dtype. The backward gives dx (copy and constant paths), dy
 rows for the FFN experts, the gates' gradients (to the router), the mixing
-logits' gradients and dv.
+logits' gradients and dv. The custom ops are in _ops/combine.py; this is the
+validating entry point.
 """
-
-from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from . import _C
-from ._tensors import stream_handle, view
+from ._ops.combine import layout_scalars
+from ._tensors import MODEL_DTYPES, check_backend, check_tensor
+from .config import MoEPPConfig
+from .permute import check_plan
 
 
-def _inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value):
-    return _C.CombineViews(view(x), view(y), view(topk_ids), view(topk_weights), view(slot_row), view(const_logits),
-                           view(const_value))
-
-
-@torch.library.custom_op("moepp::combine", mutates_args=())
-def _combine(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_row: Tensor, const_logits: Tensor,
-             const_value: Tensor, n_ffn: int, copy_begin: int, zero_begin: int, n_experts: int,
-             scale: float) -> Tensor:
-    out = torch.empty_like(x)
-    _C.combine_forward(_inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value),
-                       _C.ExpertLayout(n_ffn, copy_begin, zero_begin, n_experts), scale, view(out),
-                       torch.get_num_threads(), stream_handle(x.device))
-    return out
-
-
-@_combine.register_fake
-def _combine_fake(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value, n_ffn, copy_begin, zero_begin,
-                  n_experts, scale):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("moepp::combine_backward", mutates_args=())
-def _combine_backward(grad_out: Tensor, x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor,
-                      slot_row: Tensor, const_logits: Tensor, const_value: Tensor, n_ffn: int, copy_begin: int,
-                      zero_begin: int, n_experts: int,
-                      scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    tokens, k = topk_ids.shape
-    n_const = const_value.shape[0]
-    grad_x = torch.empty_like(x)
-    grad_y = torch.zeros_like(y)  # rows no slot reads get their true gradient, 0
-    grad_weights = topk_weights.new_empty((tokens, k))
-    grad_logits = const_logits.new_empty((tokens, 2 * n_const))
-    v_coef = const_logits.new_empty((tokens, n_const))
-    _C.combine_backward(_inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value),
-                        _C.ExpertLayout(n_ffn, copy_begin, zero_begin, n_experts), scale, view(grad_out),
-                        view(grad_y), view(grad_x), view(grad_weights), view(grad_logits), view(v_coef),
-                        torch.get_num_threads(), stream_handle(x.device))
-    grad_value = (v_coef.t() @ grad_out.float()).to(const_value.dtype)  # dv_c = Σ_t gate·a2 · dout[t]
-    return grad_x, grad_y, grad_weights, grad_logits, grad_value
-
-
-@_combine_backward.register_fake
-def _combine_backward_fake(grad_out, x, y, topk_ids, topk_weights, slot_row, const_logits, const_value, n_ffn,
-                           copy_begin, zero_begin, n_experts, scale):
-    tokens, k = topk_ids.shape
-    return (torch.empty_like(x), torch.empty_like(y), topk_weights.new_empty((tokens, k)),
-            torch.empty_like(const_logits), torch.empty_like(const_value))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, y, topk_ids, topk_weights, slot_row, const_logits, const_value, *layout = inputs
-    ctx.save_for_backward(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value)
-    ctx.layout = layout
-
-
-def _backward(ctx, grad_out):
-    grads = torch.ops.moepp.combine_backward(grad_out.contiguous(), *ctx.saved_tensors, *ctx.layout)
-    grad_x, grad_y, grad_weights, grad_logits, grad_value = grads
-    return grad_x, grad_y, None, grad_weights, None, grad_logits, grad_value, None, None, None, None, None
-
-
-torch.library.register_autograd("moepp::combine", _backward, setup_context=_setup_context)
-
-
-def combine(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_row: Tensor, const_logits: Tensor,
-            const_value: Tensor, n_ffn: int, copy_begin: int, zero_begin: int, n_experts: int,
-            scale: float) -> Tensor:
+def combine(x: Tensor, y: Tensor, route, plan, const_logits: Tensor, const_value: Tensor,
+            config: MoEPPConfig) -> Tensor:
     """out [T, D] in x's dtype.
 
-    x [T, D]; y [T * k, D] FFN outputs by permuted row; topk_ids [T, k] int32;
-    topk_weights [T, k] fp32; slot_row [T, k] int32 (the plan); const_logits
-    [T, 2 * n_constant] fp32 mixing logits of x_e; const_value [n_constant, D];
-    scale multiplies x (the x*k flag). Callers validate (see layer.py).
+    Args:
+        x: [T, D] the layer's input (float32, bfloat16 or float16); x_e = x * top_k
+            when config.scale_input_by_topk.
+        y: [T * k, D] the FFN experts' outputs by permuted row (expert_ffn), x's dtype.
+        route: the RouterOutput of these tokens (topk_ids [T, k] int32, topk_weights
+            [T, k] float32).
+        plan: the PermutationPlan of route.topk_ids (build_plan).
+        const_logits: [T, 2 * n_constant] float32 mixing logits of the constant experts (x_e · W_cᵀ).
+        const_value: [n_constant, D] the constant experts' vectors, x's dtype.
+        config: the layer's expert layout.
+    Differentiable w.r.t. x, y, route.topk_weights, const_logits and const_value.
+    The ids and the plan's indices are checked on the CPU (O(T * k)); on CUDA only
+    with MOEPP_CHECK_INDICES=1, which waits for the device.
     """
-    return torch.ops.moepp.combine(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value, n_ffn,
-                                   copy_begin, zero_begin, n_experts, scale)
+    if not isinstance(config, MoEPPConfig):
+        raise TypeError(f"config must be a MoEPPConfig, got {type(config).__name__}")
+    check_tensor("x", x, dtypes=MODEL_DTYPES, shape=(None, config.hidden_size))
+    tokens, k, c = x.shape[0], config.top_k, config.n_constant
+    dev = x.device
+    check_tensor("y", y, dtypes=(x.dtype,), shape=(tokens * k, config.hidden_size), device=dev)
+    for name in ("topk_ids", "topk_weights"):
+        if not hasattr(route, name):
+            raise TypeError(f"route must be the router's output (with {name}), got {type(route).__name__}")
+    ids = check_tensor("route.topk_ids", route.topk_ids, dtypes=(torch.int32,), shape=(tokens, k), device=dev)
+    check_tensor("route.topk_weights", route.topk_weights, dtypes=(torch.float32,), shape=(tokens, k), device=dev)
+    check_tensor("const_logits", const_logits, dtypes=(torch.float32,), shape=(tokens, 2 * c), device=dev)
+    check_tensor("const_value", const_value, dtypes=(x.dtype,), shape=(c, config.hidden_size), device=dev)
+    check_backend(dev)
+    check_plan(plan, tokens, k, config.n_ffn, dev, topk_ids=ids, n_experts=config.n_experts)
+    return torch.ops.moepp.combine(x, y, ids, route.topk_weights, plan.slot_row, const_logits, const_value,
+                                   *layout_scalars(config))

@@ -1,209 +1,46 @@
-"""FFN experts on permuted rows (spec: "Experts"):
-
-    xg = scale * x[token(row)]          fused gather (x*k folded in), never a copy of x_e
-    h  = grouped GEMM 1: xg_e · U_eᵀ    [rows, 2I]
-    a  = silu(h[:, :I]) * h[:, I:]      fused SwiGLU
-    y  = grouped GEMM 2: a_e · V_eᵀ     [rows, D]
-
-Backward saves h only: a is recomputed by the fused SwiGLU backward and xg by
-the gather, so no gathered copy of x outlives the forward. dx reaches tokens
-through a deterministic per-token row sum (no atomics). Without autograd
-(inference) a second op keeps no h at all: the Triton backend skips writing it.
-
-The torch backend runs one expert at a time (it reads the offsets on the host
-anyway): each expert's gathered rows, SwiGLU output and gradients live in
-expert-sized buffers reused from expert to expert, so only y, h (when kept),
-the row gradients and the weight gradients span all rows. On the CPU that
-spares the page faults of fresh plan-sized temporaries, which cost as much as
-the pointwise kernels themselves.
+"""The FFN experts on permuted rows (spec: "Experts"): fused gather (x*k folded
+in) -> grouped GEMM 1 -> fused SwiGLU -> grouped GEMM 2, keeping only GEMM 1's
+output for the backward. The custom ops are in _ops/expert_ffn.py; this is the
+validating entry point.
 """
 
-from typing import Optional, Tuple
+import math
 
-import torch
 from torch import Tensor
 
-from . import _C, grouped_gemm
-from ._tensors import stream_handle, view
+from . import grouped_gemm
+from ._ops.expert_ffn import apply_expert_ffn
+from ._tensors import MODEL_DTYPES, check_backend, check_tensor
+from .permute import check_plan
 
 
-def _gather(x: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
-            out: Optional[Tensor] = None) -> Tensor:
-    """out[r] = scale * x[row_src[r] // top_k] for r < offsets[-1]."""
-    out = x.new_empty((row_src.shape[0], x.shape[1])) if out is None else out
-    _C.gather_rows(view(x), view(row_src), view(offsets), top_k, scale, view(out), torch.get_num_threads(),
-                   stream_handle(x.device))
-    return out
+def expert_ffn(x: Tensor, up: Tensor, down: Tensor, plan, *, top_k: int, scale: float = 1.0,
+               backend: str = "auto") -> Tensor:
+    """y [T * top_k, D]: the FFN experts' outputs by permuted row (rows past
+    plan.offsets[-1] are unused).
 
-
-def _swiglu(h: Tensor, offsets: Tensor, out: Tensor) -> Tensor:
-    _C.swiglu_forward(view(h), view(offsets), view(out), torch.get_num_threads(), stream_handle(h.device))
-    return out
-
-
-def _expert_slices(offsets: Tensor):
-    """(e, lo, hi, count) per expert, count being a one-element device tensor holding hi - lo
-    (a one-expert plan for the pointwise kernels), and the largest hi - lo."""
-    bounds = offsets.tolist()
-    counts = offsets[1:] - offsets[:-1]
-    slices = [(e, lo, hi, counts[e:e + 1]) for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
-    return slices, max((hi - lo for _, lo, hi, _ in slices), default=0)
-
-
-def _torch_forward(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
-                   keep_h: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """The torch backend's forward, one expert at a time: (y, h or None)."""
-    slices, widest = _expert_slices(offsets)
-    rows, inner = row_src.shape[0], down.shape[2]
-    y = x.new_empty((rows, x.shape[1]))
-    h = x.new_empty((rows, 2 * inner)) if keep_h else None
-    xg_buf = x.new_empty((widest, x.shape[1]))
-    h_buf = None if keep_h else x.new_empty((widest, 2 * inner))
-    a_buf = x.new_empty((widest, inner))
-    for e, lo, hi, count in slices:
-        n = hi - lo
-        if n == 0:
-            continue
-        xg = _gather(x, row_src[lo:hi], count, top_k, scale, out=xg_buf[:n])
-        he = torch.matmul(xg, up[e].t(), out=h[lo:hi] if keep_h else h_buf[:n])
-        torch.matmul(_swiglu(he, count, a_buf[:n]), down[e].t(), out=y[lo:hi])
-    return y, h
-
-
-def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
-                    slot_row: Tensor, offsets: Tensor, top_k: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """The torch backend's backward, one expert at a time."""
-    threads, stream = torch.get_num_threads(), stream_handle(x.device)
-    slices, widest = _expert_slices(offsets)
-    inner = down.shape[2]
-    grad_up, grad_down = torch.empty_like(up), torch.empty_like(down)
-    dxg = x.new_empty((row_src.shape[0], x.shape[1]))
-    da_buf, a_buf = x.new_empty((widest, inner)), x.new_empty((widest, inner))
-    dh_buf, xg_buf = x.new_empty((widest, 2 * inner)), x.new_empty((widest, x.shape[1]))
-    for e, lo, hi, count in slices:
-        n = hi - lo
-        if n == 0:
-            grad_up[e].zero_()
-            grad_down[e].zero_()
-            continue
-        dy = grad_y[lo:hi]
-        da = torch.matmul(dy, down[e], out=da_buf[:n])
-        dh, a = dh_buf[:n], a_buf[:n]
-        _C.swiglu_backward(view(h[lo:hi]), view(da), view(count), view(dh), view(a), threads, stream)
-        torch.matmul(dy.t(), a, out=grad_down[e])
-        xg = _gather(x, row_src[lo:hi], count, top_k, scale, out=xg_buf[:n])
-        torch.matmul(dh.t(), xg, out=grad_up[e])
-        torch.matmul(dh, up[e], out=dxg[lo:hi])
-    grad_x = torch.empty_like(x)
-    _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
-    return grad_x, grad_up, grad_down
-
-
-def _forward_keeping_h(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int,
-                       scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    if backend == "torch":
-        return _torch_forward(x, up, down, row_src, offsets, top_k, scale, keep_h=True)
-    if backend == "triton":  # gather and SwiGLU fused into GEMM 1
-        from . import triton_ffn
-
-        a, h = triton_ffn.gate_up_swiglu(x, up, row_src, offsets, top_k, scale)
-        return triton_ffn.linear(a, down, offsets), h
-    h = grouped_gemm.forward(_gather(x, row_src, offsets, top_k, scale), up, offsets, backend)
-    a = _swiglu(h, offsets, h.new_empty((h.shape[0], h.shape[1] // 2)))
-    return grouped_gemm.forward(a, down, offsets, backend), h
-
-
-@torch.library.custom_op("moepp::expert_ffn", mutates_args=())
-def _expert_ffn(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, slot_row: Tensor, offsets: Tensor, top_k: int,
-                scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    return _forward_keeping_h(x, up, down, row_src, offsets, top_k, scale, backend)
-
-
-@_expert_ffn.register_fake
-def _expert_ffn_fake(x, up, down, row_src, slot_row, offsets, top_k, scale, backend):
-    rows = row_src.shape[0]
-    return x.new_empty((rows, down.shape[1])), x.new_empty((rows, up.shape[1]))
-
-
-@torch.library.custom_op("moepp::expert_ffn_inference", mutates_args=())
-def _expert_ffn_inference(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int,
-                          scale: float, backend: str) -> Tensor:
-    if backend == "triton":
-        from . import triton_ffn
-
-        a, _ = triton_ffn.gate_up_swiglu(x, up, row_src, offsets, top_k, scale, store_h=False)
-        return triton_ffn.linear(a, down, offsets)
-    if backend == "torch":
-        return _torch_forward(x, up, down, row_src, offsets, top_k, scale, keep_h=False)[0]
-    return _forward_keeping_h(x, up, down, row_src, offsets, top_k, scale, backend)[0]
-
-
-@_expert_ffn_inference.register_fake
-def _expert_ffn_inference_fake(x, up, down, row_src, offsets, top_k, scale, backend):
-    return x.new_empty((row_src.shape[0], down.shape[1]))
-
-
-@torch.library.custom_op("moepp::expert_ffn_backward", mutates_args=())
-def _expert_ffn_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
-                         slot_row: Tensor, offsets: Tensor, top_k: int, scale: float,
-                         backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    if backend == "torch":
-        return _torch_backward(grad_y, x, up, down, h, row_src, slot_row, offsets, top_k, scale)
-    threads, stream = torch.get_num_threads(), stream_handle(x.device)
-    grad_x = torch.empty_like(x)
-    if backend == "triton":  # SwiGLU backward in dA's epilogue, gather in dU's prologue
-        from . import triton_ffn
-
-        dh, a = triton_ffn.swiglu_grad_input(grad_y, down, h, offsets)
-        grad_down = triton_ffn.weight_grad(grad_y, a, offsets)
-        grad_up = triton_ffn.weight_grad(dh, x, offsets, row_src, top_k, scale)
-        dxg = triton_ffn.linear_grad_input(dh, up, offsets)
-        _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
-        return grad_x, grad_up, grad_down
-    da = grouped_gemm.grad_input(grad_y, down, offsets, backend)
-    a = h.new_empty((h.shape[0], h.shape[1] // 2))
-    dh = torch.empty_like(h)
-    _C.swiglu_backward(view(h), view(da), view(offsets), view(dh), view(a), threads, stream)
-    grad_down = grouped_gemm.grad_weight(grad_y, a, offsets, backend)
-    xg = _gather(x, row_src, offsets, top_k, scale)
-    grad_up = grouped_gemm.grad_weight(dh, xg, offsets, backend)
-    dxg = grouped_gemm.grad_input(dh, up, offsets, backend)
-    _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
-    return grad_x, grad_up, grad_down
-
-
-@_expert_ffn_backward.register_fake
-def _expert_ffn_backward_fake(grad_y, x, up, down, h, row_src, slot_row, offsets, top_k, scale, backend):
-    return torch.empty_like(x), torch.empty_like(up), torch.empty_like(down)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, up, down, row_src, slot_row, offsets, top_k, scale, backend = inputs
-    ctx.save_for_backward(x, up, down, output[1], row_src, slot_row, offsets)
-    ctx.top_k, ctx.scale, ctx.backend = top_k, scale, backend
-    ctx.set_materialize_grads(False)  # h is never used downstream: no zero-filled gradient for it
-
-
-def _backward(ctx, grad_y, _grad_h):
-    x, up, down, h, row_src, slot_row, offsets = ctx.saved_tensors
-    if grad_y is None:
-        return None, None, None, None, None, None, None, None, None
-    grad_x, grad_up, grad_down = torch.ops.moepp.expert_ffn_backward(
-        grad_y.contiguous(), x, up, down, h, row_src, slot_row, offsets, ctx.top_k, ctx.scale, ctx.backend)
-    return grad_x, grad_up, grad_down, None, None, None, None, None, None
-
-
-torch.library.register_autograd("moepp::expert_ffn", _backward, setup_context=_setup_context)
-
-
-def expert_ffn(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, slot_row: Tensor, offsets: Tensor, top_k: int,
-               scale: float, backend: str) -> Tensor:
-    """y [T * k, D]: FFN outputs by permuted row (rows past offsets[-1] unused).
-
-    x [T, D], up [n_ffn, 2I, D], down [n_ffn, D, I] in one dtype; the plan's
-    row_src / slot_row / offsets; scale multiplies x (the x*k flag). Callers
-    validate (see layer.py); backend is a resolved grouped_gemm backend.
+    Args:
+        x: [T, D] float32, bfloat16 or float16.
+        up: [n_ffn, 2I, D] (gate rows, then up rows); down: [n_ffn, D, I]; x's dtype and device.
+        plan: the PermutationPlan of the tokens' [T, top_k] expert ids (build_plan).
+        top_k: slots per token.
+        scale: multiplies x on its way into the experts (the x*k flag).
+        backend: a grouped-GEMM backend (grouped_gemm.BACKENDS); "auto" picks one.
+    Differentiable w.r.t. x, up and down. The plan's indices are checked on the CPU
+    (O(T * k)); on CUDA only with MOEPP_CHECK_INDICES=1, which waits for the device.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or up.requires_grad or down.requires_grad):
-        return torch.ops.moepp.expert_ffn(x, up, down, row_src, slot_row, offsets, top_k, scale, backend)[0]
-    return torch.ops.moepp.expert_ffn_inference(x, up, down, row_src, offsets, top_k, scale, backend)
+    check_tensor("x", x, dtypes=MODEL_DTYPES, shape=(None, None))
+    tokens, d = x.shape
+    check_tensor("up", up, dtypes=(x.dtype,), shape=(None, None, d), device=x.device)
+    n_ffn, two_i = up.shape[0], up.shape[1]
+    if two_i % 2:
+        raise ValueError(f"up must have an even row count 2I (gate rows, then up rows), got {two_i}")
+    check_tensor("down", down, dtypes=(x.dtype,), shape=(n_ffn, d, two_i // 2), device=x.device)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    check_backend(x.device)
+    check_plan(plan, tokens, top_k, n_ffn, x.device)
+    resolved = grouped_gemm.resolve_backend(backend, x.device, x.dtype, (d, two_i // 2))
+    return apply_expert_ffn(x, up, down, plan, top_k, float(scale), resolved)

@@ -13,14 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import grouped_gemm, reference
-from ._tensors import check_tensor
-from .combine import combine
+from ._ops.combine import layout_scalars
+from ._ops.expert_ffn import apply_expert_ffn
+from ._tensors import MODEL_DTYPES, check_tensor
 from .config import MoEPPConfig
-from .expert_ffn import expert_ffn
 from .permute import build_plan
 from .router import MoEPPRouter, RouterOutput, fused_router
-
-MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def load_balance_loss(f: Tensor, p: Tensor, config: MoEPPConfig) -> Tensor:
@@ -99,9 +97,10 @@ def moepp_layer(x: Tensor, config: MoEPPConfig, *, up: Tensor, down: Tensor, con
                          residual_weight=residual_weight if prev_logits is not None else None,
                          selection_bias=selection_bias, return_stats=return_router)
     plan = build_plan(route.topk_ids, config.n_ffn)
-    y = expert_ffn(x2, up, down, plan.row_src, plan.slot_row, plan.offsets, config.top_k, scale, backend)
-    out = combine(x2, y, route.topk_ids, route.topk_weights, plan.slot_row, mix, const_value, config.n_ffn,
-                  config.copy_begin, config.zero_begin, n, scale)
+    # The layer made the plan itself: its indices need no checks (the private ops take it as is).
+    y = apply_expert_ffn(x2, up, down, plan, config.top_k, scale, backend)
+    out = torch.ops.moepp.combine(x2, y, route.topk_ids, route.topk_weights, plan.slot_row, mix, const_value,
+                                  *layout_scalars(config))
     out = out.reshape(x.shape)
     return (out, route.logits, route) if return_router else (out, route.logits)
 

@@ -42,12 +42,19 @@ class MoEPPParams:
     selection_bias: Tensor | None = None
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the model dtypes; fp64 for a float64 run (the tests' high-precision oracle)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def gate_logits(x: Tensor, params: MoEPPParams) -> Tensor:
-    """Router step 1: fp32 logits [T, N] from x [T, D] (gate weights taken in fp32)."""
-    x32 = x.float()
+    """Router step 1: fp32 logits [T, N] from x [T, D] (gate weights taken in fp32;
+    fp64 for a float64 x)."""
+    acc = accumulation_dtype(x.dtype)
+    xa = x.to(acc)
     if params.gate_weight is not None:
-        return x32 @ params.gate_weight.float().t()
-    return torch.tanh(x32 @ params.gate_w1.float().t()) @ params.gate_w2.float().t()
+        return xa @ params.gate_weight.to(acc).t()
+    return torch.tanh(xa @ params.gate_w1.to(acc).t()) @ params.gate_w2.to(acc).t()
 
 
 def _nan_to_neg_inf(v: Tensor) -> Tensor:
@@ -147,9 +154,10 @@ def constant_expert(x: Tensor, const_gate: Tensor, const_value: Tensor) -> Tenso
 
 def experts_combine(x: Tensor, routing: ReferenceRouting, params: MoEPPParams, config: MoEPPConfig) -> Tensor:
     """out[t] = sum over the k slots of gate * y_expert(x_e[t]), accumulated in
-    fp32 and returned in the model dtype (spec: "Experts", "Combine")."""
+    fp32 (fp64 for a float64 x) and returned in the model dtype (spec: "Experts", "Combine")."""
     x_e = x * config.top_k if config.scale_input_by_topk else x  # a new tensor: the caller's x is untouched
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    acc = accumulation_dtype(x.dtype)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
     for expert in range(config.n_experts):
         token, slot = torch.nonzero(routing.topk_ids == expert, as_tuple=True)
         if token.numel() == 0:
@@ -166,7 +174,7 @@ def experts_combine(x: Tensor, routing: ReferenceRouting, params: MoEPPParams, c
         else:
             y = xs
         gate = routing.topk_weights[token, slot].unsqueeze(-1)
-        out = out.index_add(0, token, gate.float() * y.float())
+        out = out.index_add(0, token, gate.to(acc) * y.to(acc))
     return out.to(x.dtype)
 
 

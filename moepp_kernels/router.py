@@ -3,19 +3,21 @@
 `fused_router` takes gate logits l [T, N] (fp32; fp64 for gradcheck) and runs
 one kernel: l' = l + r·Gᵀ, optional normalisation, softmax / top-k, zero-expert
 masking, renormalisation, scaling, per-expert counts and (optionally) the
-per-expert probability sums for the load-balance loss. It is a torch.library
-custom op with a fused backward, so torch.compile(fullgraph=True) traces it.
-`MoEPPRouter` owns the gate weights and G and calls the gate GEMM first.
+per-expert probability sums for the load-balance loss. The kernel is the
+torch.library custom op moepp::router_forward (_ops/router.py) with a fused
+backward, so torch.compile(fullgraph=True) traces it. `MoEPPRouter` owns the
+gate weights and G and calls the gate GEMM first.
 """
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C
-from ._tensors import check_backend, check_tensor, device_code, optional_view, stream_handle, view
+from ._ops.router import router_scalars
+from ._tensors import check_backend, check_tensor
 from .config import MoEPPConfig
 
 MAX_TOP_K: int = _C.ROUTER_MAX_TOP_K
@@ -24,7 +26,6 @@ MAX_EXPERTS: int = _C.ROUTER_MAX_EXPERTS
 # with G staged in shared memory; above it, it is a GEMM (cuBLAS / BLAS) before
 # the kernel, which is what pays once G no longer fits on chip.
 RESIDUAL_IN_KERNEL_MAX_EXPERTS = 128
-_GATING_CODES = {"softmax_topk": 0, "topk_softmax": 1}
 
 
 class RouterOutput(NamedTuple):
@@ -43,127 +44,6 @@ class RouterOutput(NamedTuple):
     counts: Tensor
     f: Optional[Tensor]
     P: Optional[Tensor]
-
-
-def _router_options(num_experts: int, options: List[float]) -> "_C.RouterOptions":
-    top_k, copy_begin, copy_end, zero_begin, gating, normalize, sigma, renormalize, scaling, scale_identity = options
-    o = _C.RouterOptions()
-    o.num_experts = num_experts
-    o.top_k = int(top_k)
-    o.copy_begin = int(copy_begin)
-    o.copy_end = int(copy_end)
-    o.zero_begin = int(zero_begin)
-    o.gating = int(gating)
-    o.normalize = bool(normalize)
-    o.sigma = float(sigma)
-    o.renormalize = bool(renormalize)
-    o.scaling = float(scaling)
-    o.scale_identity = bool(scale_identity)
-    return o
-
-
-def options_from_config(config: MoEPPConfig) -> List[float]:
-    """The router's scalar options as the flat list the custom ops take."""
-    return [
-        float(config.top_k), float(config.copy_begin), float(config.zero_begin), float(config.zero_begin),
-        float(_GATING_CODES[config.gating]), float(config.normalize_logits), float(config.logits_std),
-        float(config.renormalize), float(config.routed_scaling_factor), float(config.scale_identity_weights),
-    ]
-
-
-@torch.library.custom_op("moepp::router_forward", mutates_args=())
-def _router_forward(logits: Tensor, prev_logits: Optional[Tensor], residual_weight: Optional[Tensor],
-                    selection_bias: Optional[Tensor], options: List[float],
-                    with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    tokens, n = logits.shape
-    k = int(options[0])
-    dev = logits.device
-    ids = torch.empty((tokens, k), dtype=torch.int32, device=dev)
-    weights = torch.empty((tokens, k), dtype=logits.dtype, device=dev)
-    logits_out = torch.empty((tokens, n) if prev_logits is not None else (0,), dtype=logits.dtype, device=dev)
-    counts = torch.zeros((n,), dtype=torch.int32, device=dev)
-    partials = None
-    if with_stats:
-        partials = torch.empty((_C.router_partial_rows(tokens, n, device_code(dev)), n), dtype=logits.dtype,
-                               device=dev)
-    _C.router_forward(
-        _router_options(n, options), view(logits), optional_view(prev_logits), optional_view(residual_weight),
-        optional_view(selection_bias), view(ids), view(weights),
-        view(logits_out) if prev_logits is not None else None, view(counts), optional_view(partials),
-        torch.get_num_threads(), stream_handle(dev),
-    )
-    prob_sum = partials.sum(dim=0) if partials is not None else logits.new_empty((0,))
-    return ids, weights, logits_out, counts, prob_sum
-
-
-@_router_forward.register_fake
-def _router_forward_fake(logits, prev_logits, residual_weight, selection_bias, options, with_stats):
-    tokens, n = logits.shape
-    k = int(options[0])
-    return (
-        logits.new_empty((tokens, k), dtype=torch.int32),
-        logits.new_empty((tokens, k)),
-        logits.new_empty((tokens, n) if prev_logits is not None else (0,)),
-        logits.new_empty((n,), dtype=torch.int32),
-        logits.new_empty((n,) if with_stats else (0,)),
-    )
-
-
-@torch.library.custom_op("moepp::router_backward", mutates_args=())
-def _router_backward(grad_weights: Optional[Tensor], grad_logits_out: Optional[Tensor],
-                     grad_prob_sum: Optional[Tensor], routed_logits: Tensor, ids: Tensor,
-                     residual_weight: Optional[Tensor], options: List[float]) -> Tuple[Tensor, Tensor]:
-    tokens, n = routed_logits.shape
-    dev = routed_logits.device
-    grad_logits = torch.empty_like(routed_logits)
-    grad_prev = torch.empty_like(routed_logits) if residual_weight is not None else routed_logits.new_empty((0,))
-    _C.router_backward(
-        _router_options(n, options), view(routed_logits), view(ids), optional_view(grad_weights),
-        optional_view(grad_logits_out), optional_view(grad_prob_sum), optional_view(residual_weight),
-        view(grad_logits), view(grad_prev) if residual_weight is not None else None, torch.get_num_threads(),
-        stream_handle(dev),
-    )
-    return grad_logits, grad_prev
-
-
-@_router_backward.register_fake
-def _router_backward_fake(grad_weights, grad_logits_out, grad_prob_sum, routed_logits, ids, residual_weight,
-                          options):
-    grad_prev_shape = routed_logits.shape if residual_weight is not None else (0,)
-    return torch.empty_like(routed_logits), routed_logits.new_empty(grad_prev_shape)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    logits, prev_logits, residual_weight, _bias, options, with_stats = inputs
-    ids, _weights, logits_out, _counts, _prob_sum = output
-    routed = logits_out if prev_logits is not None else logits
-    ctx.save_for_backward(routed, ids, prev_logits, residual_weight)
-    ctx.options = options
-    ctx.with_stats = with_stats
-    ctx.set_materialize_grads(False)
-
-
-def _contiguous_or_none(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None or t.numel() == 0 else t.contiguous()
-
-
-def _backward(ctx, _d_ids, d_weights, d_logits_out, _d_counts, d_prob_sum):
-    routed, ids, prev_logits, residual_weight = ctx.saved_tensors
-    grad_logits, grad_prev = torch.ops.moepp.router_backward(
-        _contiguous_or_none(d_weights),
-        _contiguous_or_none(d_logits_out) if prev_logits is not None else None,
-        _contiguous_or_none(d_prob_sum) if ctx.with_stats else None,
-        routed, ids, residual_weight, ctx.options,
-    )
-    grad_residual = None
-    if prev_logits is not None:
-        grad_residual = grad_logits.t() @ prev_logits  # dG = Σ_t dl'_tᵀ r_t, a GEMM over tokens
-    else:
-        grad_prev = None
-    return grad_logits, grad_prev, grad_residual, None, None, None
-
-
-torch.library.register_autograd("moepp::router_forward", _backward, setup_context=_setup_context)
 
 
 def fused_router(logits: Tensor, config: MoEPPConfig, *, prev_logits: Optional[Tensor] = None,
@@ -207,7 +87,7 @@ def fused_router(logits: Tensor, config: MoEPPConfig, *, prev_logits: Optional[T
         logits = torch.addmm(logits, prev_logits, residual_weight.t())
         prev_logits = residual_weight = None
     ids, weights, logits_out, counts, prob_sum = torch.ops.moepp.router_forward(
-        logits, prev_logits, residual_weight, selection_bias, options_from_config(config), return_stats)
+        logits, prev_logits, residual_weight, selection_bias, *router_scalars(config), return_stats)
     passed_on = logits_out if prev_logits is not None else logits
     f = p = None
     if return_stats:

@@ -3,9 +3,9 @@ reference's per-expert computation, forward and backward, over dtypes."""
 
 import pytest
 import torch
-from conftest import DEVICES, assert_norm_close
+from conftest import DEVICES, HAS_CUDA, assert_norm_close, assert_within_reference_error, float64_leaf
 
-from moepp_kernels import _C, MoEPPConfig, build_plan, combine, expert_ffn, grouped_gemm
+from moepp_kernels import _C, MoEPPConfig, RouterOutput, build_plan, combine, expert_ffn, grouped_gemm, permute
 from moepp_kernels import reference as R
 from moepp_kernels._tensors import view
 
@@ -17,6 +17,20 @@ def routing(tokens, cfg, device, seed=0):
     ids = torch.stack([torch.randperm(cfg.n_experts, generator=g)[: cfg.top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, cfg.top_k, generator=g)
     return ids.to(torch.int32).to(device), weights.to(device)
+
+
+def assert_matches(actual, reference, exact, dtype, name):
+    """fp32 against the reference; bf16 / fp16 against the float64 run, bounded by the
+    same-precision reference's own error (conftest.REFERENCE_ERROR_FACTOR)."""
+    if dtype == torch.float32:
+        assert_norm_close(actual, reference, dtype, name)
+    else:
+        assert_within_reference_error(actual, reference, exact, dtype, name)
+
+
+def route_of(ids, weights):
+    """A RouterOutput holding just the ids and gates combine reads."""
+    return RouterOutput(ids, weights, None, None, None, None)
 
 
 def grouped_gemm_backend_ok(backend: str, device: str, dtype: torch.dtype, dims: tuple) -> bool:
@@ -43,27 +57,33 @@ def test_expert_ffn_matches_reference(device, dtype, dims, scale, backend):
     x = torch.randn(tokens, d, generator=g).to(dtype).to(device).requires_grad_()
     up = (torch.randn(CFG.n_ffn, 2 * i, d, generator=g) / d**0.5).to(dtype).to(device).requires_grad_()
     down = (torch.randn(CFG.n_ffn, d, i, generator=g) / i**0.5).to(dtype).to(device).requires_grad_()
-    y = expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, CFG.top_k, scale, backend)
+    y = expert_ffn(x, up, down, plan, top_k=CFG.top_k, scale=scale, backend=backend)
     m = int(plan.offsets[-1])
-    src_tokens = plan.row_src[:m].long() // CFG.top_k
-    experts = ids.flatten()[plan.row_src[:m].long()].long()
-    expected = torch.stack([R.ffn_expert(x[t:t + 1] * scale, up[e], down[e])[0]
-                            for t, e in zip(src_tokens.tolist(), experts.tolist())])
-    assert_norm_close(y[:m], expected, dtype, "y")
+    src_tokens = (plan.row_src[:m].long() // CFG.top_k).tolist()
+    experts = ids.flatten()[plan.row_src[:m].long()].long().tolist()
+
+    def per_row(x, up, down):
+        return torch.stack([R.ffn_expert(x[t:t + 1] * scale, up[e], down[e])[0] for t, e in zip(src_tokens, experts)])
+
+    expected = per_row(x, up, down)
+    exact_leaves = [float64_leaf(t) for t in (x, up, down)]
+    exact = per_row(*exact_leaves)
+    assert_matches(y[:m], expected, exact, dtype, "y")
     with torch.no_grad():  # the inference op: no h kept, expert-sized temporaries
-        y_inference = expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, CFG.top_k, scale, backend)
-    assert_norm_close(y_inference[:m], expected, dtype, "y (inference)")
+        y_inference = expert_ffn(x, up, down, plan, top_k=CFG.top_k, scale=scale, backend=backend)
+    assert_matches(y_inference[:m], expected, exact, dtype, "y (inference)")
     grad = torch.randn(m, d, generator=g).to(dtype).to(device)
     ours = torch.autograd.grad((y[:m].float() * grad.float()).sum(), (x, up, down))
     ref = torch.autograd.grad((expected.float() * grad.float()).sum(), (x, up, down))
-    for name, a, b in zip(("x", "up", "down"), ours, ref):
-        assert_norm_close(a, b, dtype, name)
+    exact_grads = torch.autograd.grad((exact * grad.double()).sum(), exact_leaves)
+    for name, a, b, e in zip(("x", "up", "down"), ours, ref, exact_grads):
+        assert_matches(a, b, e, dtype, name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [40, 13])
-@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("scale", [1.0, 3.0])  # x*k off, on (k = 3)
 def test_combine_matches_reference(device, dtype, d, scale):
     cfg = CFG.with_(hidden_size=d)
     tokens = 31
@@ -76,43 +96,50 @@ def test_combine_matches_reference(device, dtype, d, scale):
     const_gate = torch.randn(cfg.n_constant, 2, d, generator=g).to(device)
     const_value = torch.randn(cfg.n_constant, d, generator=g).to(dtype).to(device).requires_grad_()
     mix = (scale * (x.float() @ const_gate.reshape(-1, d).t())).detach().requires_grad_()
-    out = combine(x, y, ids, weights, plan.slot_row, mix, const_value, cfg.n_ffn, cfg.copy_begin, cfg.zero_begin,
-                  cfg.n_experts, scale)
+    cfg = cfg.with_(scale_input_by_topk=scale != 1.0)
+    assert scale in (1.0, float(cfg.top_k))
+    out = combine(x, y, route_of(ids, weights), plan, mix, const_value, cfg)
 
-    # The same sum written plainly: per slot, the expert's output times the gate.
-    x_e = x.float() * scale
-    expected = torch.zeros(tokens, d, device=device)
-    for t in range(tokens):
-        for j in range(cfg.top_k):
-            e, w = int(ids[t, j]), weights[t, j]
-            kind = cfg.expert_kind(e)
-            if kind == "ffn":
-                expected[t] += w * y[int(plan.slot_row[t, j])].float()
-            elif kind == "copy":
-                expected[t] += w * x_e[t]
-            elif kind == "constant":
-                c = e - cfg.constant_begin
-                a = torch.softmax(mix[t, 2 * c:2 * c + 2], -1)
-                expected[t] += w * (a[0] * x_e[t] + a[1] * const_value[c].float())
-    assert_norm_close(out, expected, dtype, "out")
-    grad = torch.randn(tokens, d, generator=g).to(dtype).to(device)
+    def plain_sum(x, y, weights, mix, const_value, acc):
+        """The same sum written plainly in `acc`: per slot, the expert's output times the gate."""
+        x_e = x.to(acc) * scale
+        out = torch.zeros(tokens, d, device=device, dtype=acc)
+        for t in range(tokens):
+            for j in range(cfg.top_k):
+                e, w = int(ids[t, j]), weights[t, j].to(acc)
+                kind = cfg.expert_kind(e)
+                if kind == "ffn":
+                    out[t] += w * y[int(plan.slot_row[t, j])].to(acc)
+                elif kind == "copy":
+                    out[t] += w * x_e[t]
+                elif kind == "constant":
+                    c = e - cfg.constant_begin
+                    a = torch.softmax(mix[t, 2 * c:2 * c + 2].to(acc), -1)
+                    out[t] += w * (a[0] * x_e[t] + a[1] * const_value[c].to(acc))
+        return out
+
     leaves = (x, y, weights, mix, const_value)
+    exact_leaves = [float64_leaf(t) for t in leaves]
+    expected = plain_sum(*leaves, torch.float32)
+    exact = plain_sum(*exact_leaves, torch.float64)
+    assert_matches(out, expected.to(dtype), exact, dtype, "out")  # the reference returns the model dtype
+    grad = torch.randn(tokens, d, generator=g).to(dtype).to(device)
     ours = torch.autograd.grad((out.float() * grad.float()).sum(), leaves)
     ref = torch.autograd.grad((expected * grad.float()).sum(), leaves, allow_unused=True)
-    for name, a, b in zip(("x", "y", "weights", "const_logits", "const_value"), ours, ref):
+    exact_grads = torch.autograd.grad((exact * grad.double()).sum(), exact_leaves, allow_unused=True)
+    m = int(plan.offsets[-1])
+    for name, a, b, e in zip(("x", "y", "weights", "const_logits", "const_value"), ours, ref, exact_grads):
         if name == "y":  # rows past the plan's total are unused
-            m = int(plan.offsets[-1])
-            a, b = a[:m], b[:m]
-        assert_norm_close(a, b, dtype, name)
+            a, b, e = a[:m], b[:m], e[:m]
+        assert_matches(a, b, e, dtype, name)
 
 
-def test_combine_bad_layout_is_a_value_error():
+def test_combine_bad_config_is_a_type_error():
     ids, weights = routing(4, CFG, "cpu")
     plan = build_plan(ids, CFG.n_ffn)
-    x = torch.zeros(4, 40)
-    with pytest.raises(ValueError, match="layout"):
-        combine(x, torch.zeros(12, 40), ids, weights, plan.slot_row, torch.zeros(4, 4), torch.zeros(2, 40),
-                5, 8, 7, 9, 1.0)
+    with pytest.raises(TypeError, match="config"):
+        combine(torch.zeros(4, 40), torch.zeros(12, 40), route_of(ids, weights), plan, torch.zeros(4, 4),
+                torch.zeros(2, 40), (5, 8, 7, 9))
 
 
 def test_grouped_mm_refuses_unaligned_rows_clearly():
@@ -165,3 +192,83 @@ def test_cpu_conversions_match_torch_for_every_16_bit_value(dtype, scale):
         tiny = torch.finfo(torch.float32).tiny
         compared &= ~(((x.float().abs() < tiny) | (expected.float().abs() < tiny)) & (x != 0))
     assert torch.equal(out[compared].view(torch.int16), expected[compared].view(torch.int16))
+
+
+def small_case(tokens=4):
+    ids, weights = routing(tokens, CFG, "cpu", seed=5)
+    plan = build_plan(ids, CFG.n_ffn)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(tokens, 40, generator=g)
+    up, down = torch.randn(CFG.n_ffn, 48, 40, generator=g), torch.randn(CFG.n_ffn, 40, 24, generator=g)
+    return ids, weights, plan, x, up, down
+
+
+def with_entry(t, index, value):
+    t = t.clone()
+    t.view(-1)[index] = value
+    return t
+
+
+def test_expert_ffn_rejects_bad_plans_naming_the_field():
+    """The inputs that crashed the process before the checks (issue "Hardening")."""
+    ids, _, plan, x, up, down = small_case()
+    rows = int(plan.offsets[-1])
+    bad = {
+        "plan.offsets": plan._replace(offsets=torch.tensor([0, 6, 3, 3, 3, 3], dtype=torch.int32)),  # decreasing
+        "plan.row_src": plan._replace(row_src=with_entry(plan.row_src, 0, 77_777)),
+        "plan.slot_row": plan._replace(slot_row=with_entry(plan.slot_row, 0, 5_000_000)),
+    }
+    for field, broken in bad.items():
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            expert_ffn(x, up, down, broken, top_k=CFG.top_k)
+    with pytest.raises(ValueError, match=r"plan\.offsets"):
+        expert_ffn(x, up, down, plan._replace(offsets=with_entry(plan.offsets, -1, 99)), top_k=CFG.top_k)
+    assert rows > 1
+    swapped = plan.row_src.clone()
+    swapped[[0, 1]] = plan.row_src[[1, 0]]
+    with pytest.raises(ValueError, match=r"plan\.row_src"):  # rows whose slots point elsewhere
+        expert_ffn(x, up, down, plan._replace(row_src=swapped), top_k=CFG.top_k)
+    with pytest.raises(TypeError, match="plan"):
+        expert_ffn(x, up, down, (plan.offsets, plan.row_src, plan.slot_row), top_k=CFG.top_k)
+    with pytest.raises(ValueError, match=r"plan\.row_src must have shape \[8\]"):  # built for another top_k
+        expert_ffn(x, up, down, plan, top_k=2)
+    with pytest.raises(TypeError, match="down"):
+        expert_ffn(x, up, down.double(), plan, top_k=CFG.top_k)
+    with pytest.raises(ValueError, match="gemm_backend"):
+        expert_ffn(x, up, down, plan, top_k=CFG.top_k, backend="fast")
+
+
+def test_combine_rejects_bad_indices_naming_the_field():
+    ids, weights, plan, x, _, _ = small_case()
+    tokens, k = ids.shape
+    args = (torch.zeros(tokens * k, 40), route_of(ids, weights))
+    rest = (torch.zeros(tokens, 2 * CFG.n_constant), torch.zeros(CFG.n_constant, 40), CFG)
+    ffn = int((ids < CFG.n_ffn).flatten().nonzero()[0])
+    zero = int((ids >= CFG.zero_begin).flatten().nonzero()[0]) if (ids >= CFG.zero_begin).any() else None
+    cases = [
+        (plan._replace(slot_row=with_entry(plan.slot_row, ffn, 5_000_000)), ids, r"plan\.slot_row"),
+        (plan._replace(slot_row=with_entry(plan.slot_row, ffn, -3)), ids, r"plan\.slot_row"),
+        (plan, with_entry(ids, 0, CFG.n_experts + 3), "topk_ids"),
+        (plan, with_entry(ids, 0, -1), "topk_ids"),
+    ]
+    if zero is not None:  # a zero expert's slot given a row
+        cases.append((plan, with_entry(ids, ffn, CFG.zero_begin), "topk_ids"))
+    for broken_plan, broken_ids, match in cases:
+        with pytest.raises(ValueError, match=match):
+            combine(x, args[0], route_of(broken_ids, weights), broken_plan, *rest)
+    with pytest.raises(TypeError, match="route"):
+        combine(x, args[0], (ids, weights), plan, *rest)
+    with pytest.raises(TypeError, match=r"route\.topk_weights"):
+        combine(x, args[0], route_of(ids, weights.double()), plan, *rest)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
+def test_index_checks_on_cuda_only_when_asked(monkeypatch):
+    ids, _, plan, x, up, down = small_case()
+    broken = plan._replace(row_src=with_entry(plan.row_src, 0, 77_777))
+    to_cuda = [t.cuda() for t in (x, up, down)]
+    cuda_plan = type(plan)(*(t.cuda() for t in broken))
+    monkeypatch.setattr(permute, "CHECK_INDICES", True)
+    with pytest.raises(ValueError, match=r"plan\.row_src"):
+        expert_ffn(*to_cuda, cuda_plan, top_k=CFG.top_k)

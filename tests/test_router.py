@@ -262,10 +262,10 @@ def test_module_bad_input():
 
 def test_cpp_checks_raise_value_error_naming_the_argument():
     """The C++ layer's own checks (last line of defence) surface as ValueError."""
+    from moepp_kernels._ops.router import router_options, router_scalars
     from moepp_kernels._tensors import view
-    from moepp_kernels.router import _router_options, options_from_config
 
-    opts = _router_options(20, options_from_config(CFG))
+    opts = router_options(20, router_scalars(CFG))
     logits = torch.zeros(4, 20)
     ids = torch.zeros(4, 3, dtype=torch.int32)  # wrong k
     with pytest.raises(ValueError, match="ids"):

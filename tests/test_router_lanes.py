@@ -10,8 +10,8 @@ from conftest import TOLERANCES, assert_close
 
 from moepp_kernels import _C, MoEPPConfig
 from moepp_kernels import reference as R
+from moepp_kernels._ops.router import router_options, router_scalars
 from moepp_kernels._tensors import optional_view, view
-from moepp_kernels.router import _router_options, options_from_config
 
 LANES = [2, 4, 8, 16, 32]
 
@@ -76,7 +76,7 @@ def forward(cfg, logits, prev, weight, bias, lanes: int):
     logits_out = torch.empty_like(logits) if prev is not None else None
     counts = torch.zeros(n, dtype=torch.int32)
     prob_sum = torch.empty(1, n, dtype=logits.dtype)
-    _C.router_forward(_router_options(n, options_from_config(cfg)), view(logits), optional_view(prev),
+    _C.router_forward(router_options(n, router_scalars(cfg)), view(logits), optional_view(prev),
                       optional_view(weight), optional_view(bias), view(ids), view(weights), optional_view(logits_out),
                       view(counts), view(prob_sum), 1, 0, cpu_lanes=lanes)
     return ids, weights, logits_out if prev is not None else logits, counts, prob_sum[0]
@@ -86,7 +86,7 @@ def backward(cfg, routed, ids, weight, grads, lanes: int):
     d_w, d_l, d_p = grads
     grad_logits = torch.empty_like(routed)
     grad_prev = torch.empty_like(routed) if weight is not None else None
-    _C.router_backward(_router_options(routed.shape[1], options_from_config(cfg)), view(routed), view(ids),
+    _C.router_backward(router_options(routed.shape[1], router_scalars(cfg)), view(routed), view(ids),
                        view(d_w), optional_view(d_l if weight is not None else None), view(d_p),
                        optional_view(weight), view(grad_logits), optional_view(grad_prev), 1, 0, cpu_lanes=lanes)
     return grad_logits, grad_prev

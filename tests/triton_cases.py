@@ -56,14 +56,14 @@ def test_expert_ffn_fused_gather_swiglu(dtype, dims, scale):
     x = torch.randn(tokens, d, generator=g).to(dtype).requires_grad_()
     up = (torch.randn(5, 2 * i, d, generator=g) / d**0.5).to(dtype).requires_grad_()
     down = (torch.randn(5, d, i, generator=g) / i**0.5).to(dtype).requires_grad_()
-    y = expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, 3, scale, "triton")
+    y = expert_ffn(x, up, down, plan, top_k=3, scale=scale, backend="triton")
     m = int(plan.offsets[-1])
     src = plan.row_src[:m].long()
     expected = torch.stack([R.ffn_expert(x[t:t + 1].float() * scale, up[e].float(), down[e].float())[0]
                             for t, e in zip((src // 3).tolist(), ids.flatten()[src].tolist())])
     assert_norm_close(y[:m], expected, dtype, "y")
     with torch.no_grad():  # the inference op writes no h
-        y_inference = expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, 3, scale, "triton")
+        y_inference = expert_ffn(x, up, down, plan, top_k=3, scale=scale, backend="triton")
     assert_norm_close(y_inference[:m], expected, dtype, "y (inference)")
     grad = torch.randn(m, d, generator=g)
     ours = torch.autograd.grad((y[:m].float() * grad).sum(), (x, up, down))

@@ -1,0 +1,87 @@
+"""The combine epilogue's custom ops (private: moepp_kernels.combine is the API).
+
+moepp::combine(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value,
+n_ffn, copy_begin, zero_begin, n_experts, scale) -> out, and its fused backward; the
+layout scalars are positional (see _ops/router.py), made by layout_scalars(config).
+"""
+
+import functools
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _C
+from .._tensors import stream_handle, view
+from ..config import MoEPPConfig
+
+
+@functools.lru_cache(maxsize=256)
+def layout_scalars(config: MoEPPConfig) -> Tuple[int, int, int, int, float]:
+    """(n_ffn, copy_begin, zero_begin, n_experts, scale) of `config`, the combine ops'
+    scalar arguments (scale: the x*k factor)."""
+    return (config.n_ffn, config.copy_begin, config.zero_begin, config.n_experts,
+            float(config.top_k) if config.scale_input_by_topk else 1.0)
+
+
+def _inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value):
+    return _C.CombineViews(view(x), view(y), view(topk_ids), view(topk_weights), view(slot_row), view(const_logits),
+                           view(const_value))
+
+
+@torch.library.custom_op("moepp::combine", mutates_args=())
+def combine(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_row: Tensor, const_logits: Tensor,
+            const_value: Tensor, n_ffn: int, copy_begin: int, zero_begin: int, n_experts: int,
+            scale: float) -> Tensor:
+    out = torch.empty_like(x)
+    _C.combine_forward(_inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value),
+                       _C.ExpertLayout(n_ffn, copy_begin, zero_begin, n_experts), scale, view(out),
+                       torch.get_num_threads(), stream_handle(x.device))
+    return out
+
+
+@combine.register_fake
+def _combine_fake(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value, *_layout):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moepp::combine_backward", mutates_args=())
+def combine_backward(grad_out: Tensor, x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                     slot_row: Tensor, const_logits: Tensor, const_value: Tensor, n_ffn: int, copy_begin: int,
+                     zero_begin: int, n_experts: int, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dy, d topk_weights, d const_logits, d const_value)."""
+    tokens, k = topk_ids.shape
+    n_const = const_value.shape[0]
+    grad_x = torch.empty_like(x)
+    grad_y = torch.zeros_like(y)  # rows no slot reads get their true gradient, 0
+    grad_weights = topk_weights.new_empty((tokens, k))
+    grad_logits = const_logits.new_empty((tokens, 2 * n_const))
+    v_coef = const_logits.new_empty((tokens, n_const))
+    _C.combine_backward(_inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value),
+                        _C.ExpertLayout(n_ffn, copy_begin, zero_begin, n_experts), scale, view(grad_out),
+                        view(grad_y), view(grad_x), view(grad_weights), view(grad_logits), view(v_coef),
+                        torch.get_num_threads(), stream_handle(x.device))
+    grad_value = (v_coef.t() @ grad_out.float()).to(const_value.dtype)  # dv_c = Σ_t gate·a2 · dout[t]
+    return grad_x, grad_y, grad_weights, grad_logits, grad_value
+
+
+@combine_backward.register_fake
+def _combine_backward_fake(grad_out, x, y, topk_ids, topk_weights, slot_row, const_logits, const_value, *_layout):
+    tokens, k = topk_ids.shape
+    return (torch.empty_like(x), torch.empty_like(y), topk_weights.new_empty((tokens, k)),
+            torch.empty_like(const_logits), torch.empty_like(const_value))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:7])
+    ctx.layout = inputs[7:]
+
+
+def _backward(ctx, grad_out):
+    """Gradients for (x, y, topk_ids, topk_weights, slot_row, const_logits, const_value, layout...)."""
+    grad_x, grad_y, grad_weights, grad_logits, grad_value = torch.ops.moepp.combine_backward(
+        grad_out.contiguous(), *ctx.saved_tensors, *ctx.layout)
+    return grad_x, grad_y, None, grad_weights, None, grad_logits, grad_value, None, None, None, None, None
+
+
+torch.library.register_autograd("moepp::combine", _backward, setup_context=_setup_context)

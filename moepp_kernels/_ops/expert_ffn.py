@@ -1,0 +1,212 @@
+"""The FFN experts' custom ops on permuted rows (private: moepp_kernels.expert_ffn
+is the API; spec: "Experts"):
+
+    xg = scale * x[token(row)]          fused gather (x*k folded in), never a copy of x_e
+    h  = grouped GEMM 1: xg_e · U_eᵀ    [rows, 2I]
+    a  = silu(h[:, :I]) * h[:, I:]      fused SwiGLU
+    y  = grouped GEMM 2: a_e · V_eᵀ     [rows, D]
+
+moepp::expert_ffn(x, up, down, row_src, slot_row, offsets, top_k, scale, backend)
+-> (y, h) saves h only: a is recomputed by the fused SwiGLU backward and xg by the
+gather, so no gathered copy of x outlives the forward. dx reaches tokens through a
+deterministic per-token row sum (no atomics). Without autograd (inference)
+moepp::expert_ffn_inference keeps no h at all: the Triton backend skips writing it.
+`backend` is a resolved grouped_gemm backend.
+
+The torch backend runs one expert at a time (it reads the offsets on the host
+anyway): each expert's gathered rows, SwiGLU output and gradients live in
+expert-sized buffers reused from expert to expert, so only y, h (when kept),
+the row gradients and the weight gradients span all rows. On the CPU that
+spares the page faults of fresh plan-sized temporaries, which cost as much as
+the pointwise kernels themselves.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _C, grouped_gemm
+from .._tensors import stream_handle, view
+
+
+def _gather(x: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
+            out: Optional[Tensor] = None) -> Tensor:
+    """out[r] = scale * x[row_src[r] // top_k] for r < offsets[-1]."""
+    out = x.new_empty((row_src.shape[0], x.shape[1])) if out is None else out
+    _C.gather_rows(view(x), view(row_src), view(offsets), top_k, scale, view(out), torch.get_num_threads(),
+                   stream_handle(x.device))
+    return out
+
+
+def _swiglu(h: Tensor, offsets: Tensor, out: Tensor) -> Tensor:
+    _C.swiglu_forward(view(h), view(offsets), view(out), torch.get_num_threads(), stream_handle(h.device))
+    return out
+
+
+def _expert_slices(offsets: Tensor):
+    """(e, lo, hi, count) per expert, count being a one-element device tensor holding hi - lo
+    (a one-expert plan for the pointwise kernels), and the largest hi - lo."""
+    bounds = offsets.tolist()
+    counts = offsets[1:] - offsets[:-1]
+    slices = [(e, lo, hi, counts[e:e + 1]) for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+    return slices, max((hi - lo for _, lo, hi, _ in slices), default=0)
+
+
+def _torch_forward(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
+                   keep_h: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """The torch backend's forward, one expert at a time: (y, h or None)."""
+    slices, widest = _expert_slices(offsets)
+    rows, inner = row_src.shape[0], down.shape[2]
+    y = x.new_empty((rows, x.shape[1]))
+    h = x.new_empty((rows, 2 * inner)) if keep_h else None
+    xg_buf = x.new_empty((widest, x.shape[1]))
+    h_buf = None if keep_h else x.new_empty((widest, 2 * inner))
+    a_buf = x.new_empty((widest, inner))
+    for e, lo, hi, count in slices:
+        n = hi - lo
+        if n == 0:
+            continue
+        xg = _gather(x, row_src[lo:hi], count, top_k, scale, out=xg_buf[:n])
+        he = torch.matmul(xg, up[e].t(), out=h[lo:hi] if keep_h else h_buf[:n])
+        torch.matmul(_swiglu(he, count, a_buf[:n]), down[e].t(), out=y[lo:hi])
+    return y, h
+
+
+def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
+                    slot_row: Tensor, offsets: Tensor, top_k: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """The torch backend's backward, one expert at a time."""
+    threads, stream = torch.get_num_threads(), stream_handle(x.device)
+    slices, widest = _expert_slices(offsets)
+    inner = down.shape[2]
+    grad_up, grad_down = torch.empty_like(up), torch.empty_like(down)
+    dxg = x.new_empty((row_src.shape[0], x.shape[1]))
+    da_buf, a_buf = x.new_empty((widest, inner)), x.new_empty((widest, inner))
+    dh_buf, xg_buf = x.new_empty((widest, 2 * inner)), x.new_empty((widest, x.shape[1]))
+    for e, lo, hi, count in slices:
+        n = hi - lo
+        if n == 0:
+            grad_up[e].zero_()
+            grad_down[e].zero_()
+            continue
+        dy = grad_y[lo:hi]
+        da = torch.matmul(dy, down[e], out=da_buf[:n])
+        dh, a = dh_buf[:n], a_buf[:n]
+        _C.swiglu_backward(view(h[lo:hi]), view(da), view(count), view(dh), view(a), threads, stream)
+        torch.matmul(dy.t(), a, out=grad_down[e])
+        xg = _gather(x, row_src[lo:hi], count, top_k, scale, out=xg_buf[:n])
+        torch.matmul(dh.t(), xg, out=grad_up[e])
+        torch.matmul(dh, up[e], out=dxg[lo:hi])
+    grad_x = torch.empty_like(x)
+    _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
+    return grad_x, grad_up, grad_down
+
+
+def _forward_keeping_h(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int,
+                       scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    if backend == "torch":
+        return _torch_forward(x, up, down, row_src, offsets, top_k, scale, keep_h=True)
+    if backend == "triton":  # gather and SwiGLU fused into GEMM 1
+        from .. import triton_ffn
+
+        a, h = triton_ffn.gate_up_swiglu(x, up, row_src, offsets, top_k, scale)
+        return triton_ffn.linear(a, down, offsets), h
+    h = grouped_gemm.forward(_gather(x, row_src, offsets, top_k, scale), up, offsets, backend)
+    a = _swiglu(h, offsets, h.new_empty((h.shape[0], h.shape[1] // 2)))
+    return grouped_gemm.forward(a, down, offsets, backend), h
+
+
+@torch.library.custom_op("moepp::expert_ffn", mutates_args=())
+def expert_ffn(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, slot_row: Tensor, offsets: Tensor, top_k: int,
+               scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """(y [R, D], h [R, 2I]) for the plan's R = T * k row slots."""
+    return _forward_keeping_h(x, up, down, row_src, offsets, top_k, scale, backend)
+
+
+@expert_ffn.register_fake
+def _expert_ffn_fake(x, up, down, row_src, slot_row, offsets, *_scalars):
+    rows = row_src.shape[0]
+    return x.new_empty((rows, down.shape[1])), x.new_empty((rows, up.shape[1]))
+
+
+@torch.library.custom_op("moepp::expert_ffn_inference", mutates_args=())
+def expert_ffn_inference(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int,
+                         scale: float, backend: str) -> Tensor:
+    """y [R, D] without keeping h (no autograd)."""
+    if backend == "triton":
+        from .. import triton_ffn
+
+        a, _ = triton_ffn.gate_up_swiglu(x, up, row_src, offsets, top_k, scale, store_h=False)
+        return triton_ffn.linear(a, down, offsets)
+    if backend == "torch":
+        return _torch_forward(x, up, down, row_src, offsets, top_k, scale, keep_h=False)[0]
+    return _forward_keeping_h(x, up, down, row_src, offsets, top_k, scale, backend)[0]
+
+
+@expert_ffn_inference.register_fake
+def _expert_ffn_inference_fake(x, up, down, row_src, offsets, *_scalars):
+    return x.new_empty((row_src.shape[0], down.shape[1]))
+
+
+@torch.library.custom_op("moepp::expert_ffn_backward", mutates_args=())
+def expert_ffn_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
+                        slot_row: Tensor, offsets: Tensor, top_k: int, scale: float,
+                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx [T, D], d up, d down)."""
+    if backend == "torch":
+        return _torch_backward(grad_y, x, up, down, h, row_src, slot_row, offsets, top_k, scale)
+    threads, stream = torch.get_num_threads(), stream_handle(x.device)
+    grad_x = torch.empty_like(x)
+    if backend == "triton":  # SwiGLU backward in dA's epilogue, gather in dU's prologue
+        from .. import triton_ffn
+
+        dh, a = triton_ffn.swiglu_grad_input(grad_y, down, h, offsets)
+        grad_down = triton_ffn.weight_grad(grad_y, a, offsets)
+        grad_up = triton_ffn.weight_grad(dh, x, offsets, row_src, top_k, scale)
+        dxg = triton_ffn.linear_grad_input(dh, up, offsets)
+        _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
+        return grad_x, grad_up, grad_down
+    da = grouped_gemm.grad_input(grad_y, down, offsets, backend)
+    a = h.new_empty((h.shape[0], h.shape[1] // 2))
+    dh = torch.empty_like(h)
+    _C.swiglu_backward(view(h), view(da), view(offsets), view(dh), view(a), threads, stream)
+    grad_down = grouped_gemm.grad_weight(grad_y, a, offsets, backend)
+    xg = _gather(x, row_src, offsets, top_k, scale)
+    grad_up = grouped_gemm.grad_weight(dh, xg, offsets, backend)
+    dxg = grouped_gemm.grad_input(dh, up, offsets, backend)
+    _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
+    return grad_x, grad_up, grad_down
+
+
+@expert_ffn_backward.register_fake
+def _expert_ffn_backward_fake(grad_y, x, up, down, h, row_src, slot_row, offsets, *_scalars):
+    return torch.empty_like(x), torch.empty_like(up), torch.empty_like(down)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, up, down, row_src, slot_row, offsets, *scalars = inputs
+    ctx.save_for_backward(x, up, down, output[1], row_src, slot_row, offsets)
+    ctx.scalars = scalars  # top_k, scale, backend
+    ctx.set_materialize_grads(False)  # h is never used downstream: no zero-filled gradient for it
+
+
+def _backward(ctx, grad_y, _grad_h):
+    """Gradients for (x, up, down, row_src, slot_row, offsets, top_k, scale, backend)."""
+    if grad_y is None:
+        return (None,) * 9
+    x, up, down, h, row_src, slot_row, offsets = ctx.saved_tensors
+    grad_x, grad_up, grad_down = torch.ops.moepp.expert_ffn_backward(
+        grad_y.contiguous(), x, up, down, h, row_src, slot_row, offsets, *ctx.scalars)
+    return grad_x, grad_up, grad_down, None, None, None, None, None, None
+
+
+torch.library.register_autograd("moepp::expert_ffn", _backward, setup_context=_setup_context)
+
+
+def apply_expert_ffn(x: Tensor, up: Tensor, down: Tensor, plan, top_k: int, scale: float, backend: str) -> Tensor:
+    """y [T * k, D] through the op that keeps h when autograd needs it, else the
+    inference op (arguments already validated)."""
+    if torch.is_grad_enabled() and (x.requires_grad or up.requires_grad or down.requires_grad):
+        return torch.ops.moepp.expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, top_k, scale,
+                                          backend)[0]
+    return torch.ops.moepp.expert_ffn_inference(x, up, down, plan.row_src, plan.offsets, top_k, scale, backend)
