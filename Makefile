@@ -1,5 +1,6 @@
 # make bench : set up (venv, torch, this package) then run the benchmarks
 # make test  : set up then run ruff and the whole test suite
+# make test-sanitize : the CPU suite on a CPU-only build under ASan + UBSan (CI runs it too)
 # Knobs: TORCH (pip requirement for torch, default: the newest the index allows),
 #        PYTHON (interpreter for the venv), BENCH_OUT (default bench/results/<device>),
 #        BENCH_ARGS (e.g. --quick),
@@ -17,7 +18,7 @@ VENV := $(CURDIR)/.venv
 endif
 BIN := $(VENV)/bin
 
-.PHONY: setup test bench lint clean
+.PHONY: setup test test-sanitize bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,22 @@ lint: setup
 test: lint
 	@set +e; $(BIN)/pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The package again, CPU-only and instrumented with ASan + UBSan (its own build directory), into
+# a directory of its own; the CPU suite then runs on it with the sanitizer runtimes preloaded
+# (python itself is not instrumented). Any report aborts the run. Leaks are not checked: the
+# interpreter keeps its own allocations to exit. The kernel-resource gate compiles CUDA sources
+# and needs no module, so it runs only in `make test`.
+SANITIZE_SITE := $(CURDIR)/build/sanitize-site
+SANITIZE_RUNTIMES = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libubsan.so)
+test-sanitize: setup
+	rm -rf $(SANITIZE_SITE)
+	MOEPP_CUDA=0 MOEPP_SANITIZE=address,undefined $(BIN)/python -m pip install -q --no-deps --target $(SANITIZE_SITE) .
+	@set +e; MOEPP_EXPECT_CUTLASS= ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		LD_PRELOAD="$(SANITIZE_RUNTIMES)" PYTHONPATH=$(SANITIZE_SITE) \
+		$(BIN)/pytest tests -q -p no:cacheprovider --ignore=tests/test_kernel_resources.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-sanitize: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # Results go to bench/results/<device-name>/ (BENCH_OUT overrides): pytest-benchmark's JSON,
 # summary.json (side-by-side ratios and telemetry), report.md and speedup_vs_tau.png.

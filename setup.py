@@ -1,7 +1,9 @@
 """Build moepp_kernels._C with CMake + Ninja (no torch needed at build time).
 
 Environment knobs: MOEPP_CUDA (auto|0|1), MOEPP_CUDA_ARCHS (default "80;90a"),
-MOEPP_CUTLASS_DIR (CUTLASS source root; default: the nvidia-cutlass wheel's),
+MOEPP_SANITIZE (e.g. address,undefined: a sanitized CPU-only build, in a build
+directory of its own), MOEPP_CUTLASS_DIR (CUTLASS source root; default: the
+nvidia-cutlass wheel's),
 MAX_JOBS (default: from cores and free memory), CMAKE_BUILD_TYPE. ccache is
 used when it is on PATH.
 """
@@ -65,7 +67,9 @@ class CMakeBuild(build_ext):
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_dir = Path(self.build_temp).resolve() / ext.name
+        sanitize = os.environ.get("MOEPP_SANITIZE", "")
+        variant = "-sanitize-" + sanitize.replace(",", "-") if sanitize else ""
+        build_dir = Path(self.build_temp).resolve() / (ext.name + variant)
         build_dir.mkdir(parents=True, exist_ok=True)
         jobs = os.environ.get("MAX_JOBS") or str(default_max_jobs())
         cmake, ninja = shutil.which("cmake"), shutil.which("ninja")
@@ -79,7 +83,8 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
             f"-DMOEPP_CUDA={os.environ.get('MOEPP_CUDA', 'auto')}",
             f"-DMOEPP_CUDA_ARCHS={os.environ.get('MOEPP_CUDA_ARCHS', '80;90a')}",
-            f"-DMOEPP_CUTLASS_DIR={cutlass_dir()}",
+            f"-DMOEPP_CUTLASS_DIR={cutlass_dir() if not sanitize else ''}",
+            f"-DMOEPP_SANITIZE={sanitize}",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             "-G",
             "Ninja",

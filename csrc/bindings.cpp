@@ -202,10 +202,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("d_offset", &gm::GroupProblem::d_offset);
   m.def(
       "group_problems",
-      [](int product, const TensorView& offsets, int32_t n, int32_t k) {
-        return gm::group_problems(static_cast<gm::Product>(product), offsets, n, k);
+      [](int product, const TensorView& offsets, int64_t buffer_rows, int32_t n, int32_t k) {
+        return gm::group_problems(static_cast<gm::Product>(product), offsets, buffer_rows, n, k);
       },
-      py::arg("product"), py::arg("offsets"), py::arg("n"), py::arg("k"));
+      py::arg("product"), py::arg("offsets"), py::arg("buffer_rows"), py::arg("n"), py::arg("k"));
   m.def(
       "cutlass_workspace_bytes",
       [](int product, int dtype, int groups, int device) {

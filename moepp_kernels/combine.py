@@ -34,8 +34,10 @@ def combine(x: Tensor, y: Tensor, route, plan, const_logits: Tensor, const_value
         const_value: [n_constant, D] the constant experts' vectors, x's dtype.
         config: the layer's expert layout.
     Differentiable w.r.t. x, y, route.topk_weights, const_logits and const_value.
-    The ids and the plan's indices are checked on the CPU (O(T * k)); on CUDA only
-    with MOEPP_CHECK_INDICES=1, which waits for the device.
+    The ids and the plan's indices are checked on the CPU (O(T * k)), raising
+    ValueError. On CUDA a check would wait for the device: it runs only with
+    MOEPP_CHECK_INDICES=1; otherwise the kernel skips slots whose id or row is out of
+    range (they add nothing).
     """
     if not isinstance(config, MoEPPConfig):
         raise TypeError(f"config must be a MoEPPConfig, got {type(config).__name__}")

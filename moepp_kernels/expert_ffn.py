@@ -27,7 +27,10 @@ def expert_ffn(x: Tensor, up: Tensor, down: Tensor, plan, *, top_k: int, scale: 
         scale: multiplies x on its way into the experts (the x*k flag).
         backend: a grouped-GEMM backend (grouped_gemm.BACKENDS); "auto" picks one.
     Differentiable w.r.t. x, up and down. The plan's indices are checked on the CPU
-    (O(T * k)); on CUDA only with MOEPP_CHECK_INDICES=1, which waits for the device.
+    (O(T * k)), raising ValueError. On CUDA a check would wait for the device: it runs
+    only with MOEPP_CHECK_INDICES=1; otherwise the CUDA kernels (gather, row sum, the
+    CUTLASS arguments) skip entries outside their buffers, and the Triton kernels take
+    the plan as build_plan made it.
     """
     check_tensor("x", x, dtypes=MODEL_DTYPES, shape=(None, None))
     tokens, d = x.shape

@@ -25,19 +25,31 @@ def test_argument_filling(sizes):
     """Each expert's (m, n, k) and operand offsets, as the device kernel writes them."""
     offsets = offsets_of(sizes)
     n, k = 24, 40
-    for g, p in enumerate(_C.group_problems(FORWARD, view(offsets), n, k)):  # out rows = a rows · w_gᵀ
+    for g, p in enumerate(_C.group_problems(FORWARD, view(offsets), int(offsets[-1]), n, k)):  # out rows = a rows · w_gᵀ
         first, rows = int(offsets[g]), sizes[g]
         assert (p.m, p.n, p.k, p.m_extent) == (rows, n, k, rows)
         assert (p.a_offset, p.b_offset, p.d_offset) == (first * k, g * n * k, first * n)
-    for g, p in enumerate(_C.group_problems(GRAD_INPUT, view(offsets), k, n)):  # dx rows = dy rows · w_g
+    for g, p in enumerate(_C.group_problems(GRAD_INPUT, view(offsets), int(offsets[-1]), k, n)):  # dx rows = dy rows · w_g
         first, rows = int(offsets[g]), sizes[g]
         assert (p.m, p.n, p.k, p.m_extent) == (rows, k, n, rows)
         assert (p.a_offset, p.b_offset, p.d_offset) == (first * n, g * n * k, first * k)
-    for g, p in enumerate(_C.group_problems(GRAD_WEIGHT, view(offsets), n, k)):  # dw_g = dy_gᵀ · x_g
+    for g, p in enumerate(_C.group_problems(GRAD_WEIGHT, view(offsets), int(offsets[-1]), n, k)):  # dw_g = dy_gᵀ · x_g
         first, rows = int(offsets[g]), sizes[g]
         # an expert without rows gets m = 0 (no tile scheduled; zero_empty_groups writes its zeros)
         assert (p.m, p.n, p.k, p.m_extent) == (n if rows else 0, k, rows, n)
         assert (p.a_offset, p.b_offset, p.d_offset) == (first * n, first * k, g * n * k)
+
+
+@pytest.mark.parametrize("product", [FORWARD, GRAD_INPUT, GRAD_WEIGHT])
+def test_argument_filling_stays_inside_the_operands_for_any_offsets(product):
+    """Offsets with any values (decreasing, negative, past the buffer) give groups inside
+    the buffer's rows: the device kernel never points CUTLASS outside the operands."""
+    buffer_rows, n, k = 12, 24, 40
+    offsets = torch.tensor([0, 6, 3, -5, 40, 2**31 - 1, 7], dtype=torch.int32)
+    for p in _C.group_problems(product, view(offsets), buffer_rows, n, k):
+        rows = p.k if product == GRAD_WEIGHT else p.m
+        first = p.a_offset // (n if product == GRAD_WEIGHT else k)  # the group's first row
+        assert rows >= 0 and 0 <= first and first + rows <= buffer_rows, (first, rows)
 
 
 @pytest.mark.skipif(not os.environ.get("MOEPP_EXPECT_CUTLASS"), reason="set by .ci/run, where nvcc is present")

@@ -272,3 +272,30 @@ def test_index_checks_on_cuda_only_when_asked(monkeypatch):
     monkeypatch.setattr(permute, "CHECK_INDICES", True)
     with pytest.raises(ValueError, match=r"plan\.row_src"):
         expert_ffn(*to_cuda, cuda_plan, top_k=CFG.top_k)
+
+
+def test_kernels_skip_indices_outside_their_buffers():
+    """Below the checks: the kernels read any index value without leaving their buffers
+    (csrc/moe/indices.h). An entry naming no row gives a zero row (gather) or adds
+    nothing (row sum, combine)."""
+    x = torch.arange(12.0).reshape(3, 4)
+    row_src = torch.tensor([0, 77_777, -1, 5], dtype=torch.int32)
+    out = torch.full((4, 4), 7.0)
+    total = torch.tensor([4], dtype=torch.int32)  # views hold raw pointers: every tensor stays alive
+    _C.gather_rows(view(x), view(row_src), view(total), 2, 1.0, view(out), 1, 0)
+    assert torch.equal(out, torch.stack([x[0], torch.zeros(4), torch.zeros(4), x[2]]))
+    src = torch.ones(6, 4)
+    slot_row = torch.tensor([[0, 5_000_000], [-3, 1], [2, 3]], dtype=torch.int32)
+    summed = torch.empty(3, 4)
+    _C.row_sum(view(src), view(slot_row), 1.0, view(summed), 1, 0)
+    assert torch.equal(summed, torch.tensor([1.0, 1.0, 2.0]).unsqueeze(1).expand(3, 4))
+    cfg = MoEPPConfig(hidden_size=4, ffn_size=4, n_ffn=2, n_zero=1, top_k=2)
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1]], dtype=torch.int32)
+    weights = torch.ones(3, 2)
+    y = torch.ones(6, 4)
+    combined, mix, values = torch.empty(3, 4), torch.empty(3, 0), torch.empty(0, 4)
+    _C.combine_forward(_C.CombineViews(view(x), view(y), view(ids), view(weights), view(slot_row), view(mix),
+                                       view(values)),
+                       _C.ExpertLayout(cfg.n_ffn, cfg.copy_begin, cfg.zero_begin, cfg.n_experts), 1.0, view(combined),
+                       1, 0)
+    assert torch.equal(combined, summed)

@@ -9,7 +9,9 @@
 # Logs,
 # nvidia-smi output and JSON land in OUT_DIR. MOEPP_CHECK_STEPS picks steps
 # (default "build test bench"; a first try on a new machine: "build test";
-# add "tune" to measure the Triton tile configs, a few minutes more).
+# add "sanitize" for compute-sanitizer's memcheck over the CUDA tests of the router,
+# plan, FFN pointwise ops and combine, and racecheck over those of the router, plan and
+# combine; add "tune" to measure the Triton tile configs, a few minutes more).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT_DIR=${1:-${OUT:-$ROOT/bench/out/device}}
@@ -52,6 +54,22 @@ cd "$OUT_DIR"  # import the built package, never the source tree (it has no _C)
 if [[ $STEPS == *test* ]]; then
   step "tests"
   python3 -m pytest "$ROOT/tests" -q -ra -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" || failed+=" tests"
+fi
+
+if [[ $STEPS == *sanitize* ]]; then
+  # torch's caching allocator would hide accesses past a tensor inside its pool: off here.
+  sanitize() {  # tool, then test files
+    local tool=$1; shift
+    step "compute-sanitizer --tool $tool"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest "$@" -q -p no:cacheprovider -k cuda > "$OUT_DIR/sanitize_$tool.txt" 2>&1
+    local rc=$?
+    tail -n 30 "$OUT_DIR/sanitize_$tool.txt"
+    [[ $rc -eq 0 ]] || failed+=" sanitize-$tool"
+  }
+  sanitize memcheck "$ROOT/tests/test_router.py" "$ROOT/tests/test_plan.py" "$ROOT/tests/test_expert_ops.py"
+  sanitize racecheck "$ROOT/tests/test_router.py" "$ROOT/tests/test_plan.py" "$ROOT/tests/test_expert_ops.py" \
+    -k "cuda and (router or plan or combine)"
 fi
 
 if [[ $STEPS == *bench* ]]; then

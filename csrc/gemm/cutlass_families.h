@@ -8,8 +8,8 @@
 
 #define MOEPP_CUTLASS_FAMILY(NAME)                                                                            \
   int64_t NAME##_workspace(int groups, int device);                                                           \
-  void NAME##_run(bool small, int groups, const int32_t* offsets, int32_t n, int32_t k, const void* a,         \
-                  const void* b, void* d, char* workspace, int device, cudaStream_t stream);
+  void NAME##_run(bool small, int groups, const int32_t* offsets, int64_t rows, int32_t n, int32_t k,         \
+                  const void* a, const void* b, void* d, char* workspace, int device, cudaStream_t stream);
 #define MOEPP_CUTLASS_FAMILIES      \
   MOEPP_CUTLASS_FAMILY(forward_bf16)     \
   MOEPP_CUTLASS_FAMILY(forward_fp16)     \
@@ -34,8 +34,8 @@ MOEPP_CUTLASS_FAMILIES
   int64_t NAME##_workspace(int groups, int device) {                                                          \
     return Family<ELEMENT, PRODUCT>::workspace_bytes(groups, device);                                         \
   }                                                                                                           \
-  void NAME##_run(bool small, int groups, const int32_t* offsets, int32_t n, int32_t k, const void* a,         \
-                  const void* b, void* d, char* workspace, int device, cudaStream_t stream) {                  \
-    Family<ELEMENT, PRODUCT>::run(small, groups, offsets, n, k, a, b, d, workspace, device, stream);          \
+  void NAME##_run(bool small, int groups, const int32_t* offsets, int64_t rows, int32_t n, int32_t k,         \
+                  const void* a, const void* b, void* d, char* workspace, int device, cudaStream_t stream) {   \
+    Family<ELEMENT, PRODUCT>::run(small, groups, offsets, rows, n, k, a, b, d, workspace, device, stream);    \
   }                                                                                                           \
   }

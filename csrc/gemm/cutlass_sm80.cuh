@@ -67,11 +67,11 @@ struct GroupedGemm {
 };
 
 template <typename G, typename Element, Product P>
-__global__ void fill_arguments(typename G::Arrays r, int groups, const int32_t* offsets, int32_t n, int32_t k,
-                               const Element* a, const Element* b, Element* d) {
+__global__ void fill_arguments(typename G::Arrays r, int groups, const int32_t* offsets, int64_t rows, int32_t n,
+                               int32_t k, const Element* a, const Element* b, Element* d) {
   const int g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= groups) return;
-  const GroupProblem p = group_problem(P, g, offsets, n, k);
+  const GroupProblem p = group_problem(P, g, offsets, rows, n, k);
   r.shapes[g] = cutlass::gemm::GemmCoord(p.m, p.n, p.k);
   r.a[g] = const_cast<Element*>(a) + p.a_offset;
   r.b[g] = const_cast<Element*>(b) + p.b_offset;
@@ -85,11 +85,11 @@ template <typename Element, Product P>
 struct Family {
   using G = GroupedGemm<Element, P>;
   static int64_t workspace_bytes(int groups, int) { return G::workspace_bytes(groups); }
-  static void run(bool, int groups, const int32_t* offsets, int32_t n, int32_t k, const void* a, const void* b,
-                  void* d, char* workspace, int, cudaStream_t stream) {
+  static void run(bool, int groups, const int32_t* offsets, int64_t rows, int32_t n, int32_t k, const void* a,
+                  const void* b, void* d, char* workspace, int, cudaStream_t stream) {
     const typename G::Arrays r = G::carve(workspace, groups);
     fill_arguments<G, Element, P><<<(groups + 127) / 128, 128, 0, stream>>>(
-        r, groups, offsets, n, k, static_cast<const Element*>(a), static_cast<const Element*>(b),
+        r, groups, offsets, rows, n, k, static_cast<const Element*>(a), static_cast<const Element*>(b),
         static_cast<Element*>(d));
     cuda::check(cudaGetLastError(), "grouped GEMM argument kernel");
     typename G::Gemm gemm;

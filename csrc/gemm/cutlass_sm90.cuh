@@ -109,12 +109,12 @@ struct GroupedGemm {
 };
 
 template <typename G>
-__global__ void fill_arguments(typename G::Arrays r, Product product, int groups, const int32_t* offsets, int32_t n,
-                               int32_t k, const typename G::Gemm::ElementA* a, const typename G::Gemm::ElementB* b,
-                               typename G::Gemm::ElementC* d) {
+__global__ void fill_arguments(typename G::Arrays r, Product product, int groups, const int32_t* offsets, int64_t rows,
+                               int32_t n, int32_t k, const typename G::Gemm::ElementA* a,
+                               const typename G::Gemm::ElementB* b, typename G::Gemm::ElementC* d) {
   const int g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= groups) return;
-  const GroupProblem p = group_problem(product, g, offsets, n, k);
+  const GroupProblem p = group_problem(product, g, offsets, rows, n, k);
   r.shapes[g] = {p.m, p.n, p.k};
   r.a[g] = a + p.a_offset;
   r.b[g] = b + p.b_offset;
@@ -125,12 +125,12 @@ __global__ void fill_arguments(typename G::Arrays r, Product product, int groups
 }
 
 template <typename G>
-void run(Product product, int groups, const int32_t* offsets, int32_t n, int32_t k, const void* a, const void* b,
-         void* d, char* workspace, int device, cudaStream_t stream) {
+void run(Product product, int groups, const int32_t* offsets, int64_t rows, int32_t n, int32_t k, const void* a,
+         const void* b, void* d, char* workspace, int device, cudaStream_t stream) {
   using Element = typename G::Gemm::ElementA;
   const typename G::Arrays r = G::carve(workspace, groups);
   fill_arguments<G><<<(groups + 127) / 128, 128, 0, stream>>>(
-      r, product, groups, offsets, n, k, static_cast<const Element*>(a), static_cast<const Element*>(b),
+      r, product, groups, offsets, rows, n, k, static_cast<const Element*>(a), static_cast<const Element*>(b),
       static_cast<Element*>(d));
   cuda::check(cudaGetLastError(), "grouped GEMM argument kernel");
   typename G::Gemm gemm;
@@ -150,12 +150,14 @@ struct Family {
     return std::max(GroupedGemm<Element, P, LargeTile>::workspace_bytes(groups, device),
                     GroupedGemm<Element, P, SmallTile>::workspace_bytes(groups, device));
   }
-  static void run(bool small, int groups, const int32_t* offsets, int32_t n, int32_t k, const void* a,
+  static void run(bool small, int groups, const int32_t* offsets, int64_t rows, int32_t n, int32_t k, const void* a,
                   const void* b, void* d, char* workspace, int device, cudaStream_t stream) {
     if (small) {
-      sm90::run<GroupedGemm<Element, P, SmallTile>>(P, groups, offsets, n, k, a, b, d, workspace, device, stream);
+      sm90::run<GroupedGemm<Element, P, SmallTile>>(P, groups, offsets, rows, n, k, a, b, d, workspace, device,
+                                                    stream);
     } else {
-      sm90::run<GroupedGemm<Element, P, LargeTile>>(P, groups, offsets, n, k, a, b, d, workspace, device, stream);
+      sm90::run<GroupedGemm<Element, P, LargeTile>>(P, groups, offsets, rows, n, k, a, b, d, workspace, device,
+                                                    stream);
     }
   }
 };

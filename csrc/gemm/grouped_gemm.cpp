@@ -15,11 +15,14 @@ std::vector<int> cutlass_archs() {
   return archs;
 }
 
-std::vector<GroupProblem> group_problems(Product product, const TensorView& offsets, int32_t n, int32_t k) {
+std::vector<GroupProblem> group_problems(Product product, const TensorView& offsets, int64_t buffer_rows, int32_t n,
+                                         int32_t k) {
   if (offsets.ndim != 1 || offsets.shape[0] < 1) throw_invalid("offsets", "expected shape [groups + 1]");
   check_view(offsets, "offsets", DType::kInt32, {offsets.shape[0]}, DeviceType::kCPU, -1);
   std::vector<GroupProblem> out;
-  for (int g = 0; g + 1 < offsets.shape[0]; ++g) out.push_back(group_problem(product, g, offsets.ptr<int32_t>(), n, k));
+  for (int g = 0; g + 1 < offsets.shape[0]; ++g) {
+    out.push_back(group_problem(product, g, offsets.ptr<int32_t>(), buffer_rows, n, k));
+  }
   return out;
 }
 

@@ -29,10 +29,16 @@ struct GroupProblem {
 };
 
 // Shared by the CUDA argument-filling kernel and the CPU test of it. n and k are
-// the product's full extents: forward (N, K), grad_input (K, N), grad_weight (N, K).
-MOEPP_HD GroupProblem group_problem(Product product, int g, const int32_t* offsets, int32_t n, int32_t k) {
-  const int64_t first = offsets[g];
-  const int32_t rows = offsets[g + 1] - offsets[g];
+// the product's full extents: forward (N, K), grad_input (K, N), grad_weight (N, K);
+// `buffer_rows` is the operands' row count. The offsets are read with any value in
+// them (moe/indices.h): clamped into [0, buffer_rows], each group ending no earlier
+// than it starts, so a malformed plan gives empty or wrong groups, never rows
+// outside the operands.
+MOEPP_HD GroupProblem group_problem(Product product, int g, const int32_t* offsets, int64_t buffer_rows, int32_t n,
+                                    int32_t k) {
+  const int64_t first = offsets[g] < 0 ? 0 : (offsets[g] > buffer_rows ? buffer_rows : offsets[g]);
+  const int64_t end = offsets[g + 1] < first ? first : (offsets[g + 1] > buffer_rows ? buffer_rows : offsets[g + 1]);
+  const int32_t rows = static_cast<int32_t>(end - first);
   switch (product) {
     case Product::kForward:  // D rows = A rows · W_gᵀ: reduction over K
       return {rows, n, k, rows, first * k, int64_t(g) * n * k, first * n};
@@ -47,7 +53,8 @@ MOEPP_HD GroupProblem group_problem(Product product, int g, const int32_t* offse
 std::vector<int> cutlass_archs();
 
 // CPU view of what the device kernel writes, for tests: one GroupProblem per expert.
-std::vector<GroupProblem> group_problems(Product product, const TensorView& offsets, int32_t n, int32_t k);
+std::vector<GroupProblem> group_problems(Product product, const TensorView& offsets, int64_t buffer_rows, int32_t n,
+                                         int32_t k);
 
 // Bytes of device workspace a call needs (argument arrays + CUTLASS's own).
 int64_t workspace_bytes(Product product, DType dtype, int groups, int device);

@@ -91,7 +91,8 @@ void grouped_gemm_cuda(const CudaCall& c) {
     cuda::check(cudaGetLastError(), "zero_empty_groups");
   }
   by_family(c.product, c.dtype, c.device, [&](auto, auto run) {
-    run(small, c.groups, c.offsets, c.n, c.k, c.a, c.b, c.d, c.workspace, c.device, cuda::as_stream(c.stream));
+    run(small, c.groups, c.offsets, c.rows, c.n, c.k, c.a, c.b, c.d, c.workspace, c.device,
+        cuda::as_stream(c.stream));
     return 0;
   });
 }

@@ -21,7 +21,7 @@ void combine_cpu(const CombineArgs<T>& a, int num_threads) {
     std::vector<float> acc(a.dim);
     for (int64_t t = begin; t < end; ++t) {
       TokenMix m;
-      analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k,
+      analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k, a.tokens * a.k,
                     a.mix + t * 2 * a.n_constant, m);
       if (m.uses_x()) {
         rows::scale(a.x + t * a.dim, m.x_coef, a.scale, a.dim, acc.data());
@@ -44,7 +44,7 @@ void combine_backward_cpu(const CombineArgs<T>& a, int num_threads) {
     std::vector<float> g(a.dim);
     for (int64_t t = begin; t < end; ++t) {
       TokenMix m;
-      analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k,
+      analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k, a.tokens * a.k,
                     a.mix + t * 2 * a.n_constant, m);
       rows::scale(a.dout + t * a.dim, 1.0f, 1.0f, a.dim, g.data());
       const float dot_x = m.uses_x() ? a.scale * rows::dot(g.data(), a.x + t * a.dim, a.dim) : 0.0f;

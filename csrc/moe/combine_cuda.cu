@@ -26,7 +26,7 @@ constexpr int64_t kMaxBlocks = 16384;
 template <typename T>
 __device__ void load_token_mix(const CombineArgs<T>& a, int64_t t, TokenMix& m) {
   if (threadIdx.x == 0) {
-    analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k,
+    analyze_token(a.layout, a.k, a.ids + t * a.k, a.weights + t * a.k, a.slot_row + t * a.k, a.tokens * a.k,
                   a.mix + t * 2 * a.n_constant, m);
   }
   __syncthreads();

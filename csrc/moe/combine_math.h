@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "../macros.h"
+#include "indices.h"
 
 namespace moepp::moe {
 
@@ -43,11 +44,11 @@ struct TokenMix {
   MOEPP_HD bool uses_x() const { return n_copy + n_const > 0; }
 };
 
-// ids, weights, slot_row: the token's k entries; mix: its [2 * n_constant] fp32
+// ids, weights, slot_row: the token's k entries (slot rows index y's `rows`); mix: its [2 * n_constant] fp32
 // mixing logits (x_e · W_cᵀ). The CUDA kernels build `m` once per token in
 // shared memory (its arrays are indexed at run time), the CPU twin on its stack.
 MOEPP_HD void analyze_token(const ExpertLayout& layout, int k, const int32_t* ids, const float* weights,
-                            const int32_t* slot_row, const float* mix, TokenMix& m) {
+                            const int32_t* slot_row, int64_t rows, const float* mix, TokenMix& m) {
   m.x_coef = 0.0f;
   m.n_rows = 0;
   m.n_const = 0;
@@ -56,7 +57,7 @@ MOEPP_HD void analyze_token(const ExpertLayout& layout, int k, const int32_t* id
     const int32_t e = ids[j];
     const float w = weights[j];
     if (e >= 0 && e < layout.n_ffn) {
-      if (slot_row[j] < 0) continue;
+      if (!in_range(slot_row[j], rows)) continue;  // no row (or one outside y's rows): nothing to add
       m.row[m.n_rows] = slot_row[j];
       m.row_w[m.n_rows] = w;
       m.row_slot[m.n_rows++] = j;

@@ -7,6 +7,7 @@
 #include "../dispatch.h"
 #include "../parallel.h"
 #include "ffn_math.h"
+#include "indices.h"
 
 namespace moepp::moe {
 
@@ -44,8 +45,12 @@ void gather_rows_cpu(const GatherArgs<T>& a, int num_threads) {
   const int64_t m = total_rows_cpu(a.total_rows, a.rows);
   parallel_for(m, choose_workers(m, num_threads, kRowsPerWorker), [&](int, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      rows::scale(a.x + static_cast<int64_t>(a.row_src[r] / a.top_k) * a.dim, 1.0f, a.scale, a.dim,
-                  a.out + r * a.dim);
+      const int32_t slot = a.row_src[r];
+      if (in_range(slot, a.tokens * a.top_k)) {
+        rows::scale(a.x + static_cast<int64_t>(slot / a.top_k) * a.dim, 1.0f, a.scale, a.dim, a.out + r * a.dim);
+      } else {
+        std::fill_n(a.out + r * a.dim, a.dim, from_float<T>(0.0f));
+      }
     }
   });
 }
@@ -73,7 +78,9 @@ void row_sum_cpu(const RowSumArgs<T>& a, int num_threads) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int j = 0; j < a.top_k; ++j) {
         const int32_t row = a.slot_row[t * a.top_k + j];
-        if (row >= 0) rows::add_scaled(a.src + static_cast<int64_t>(row) * a.dim, 1.0f, a.dim, acc.data());
+        if (in_range(row, a.tokens * a.top_k)) {
+          rows::add_scaled(a.src + static_cast<int64_t>(row) * a.dim, 1.0f, a.dim, acc.data());
+        }
       }
       rows::scale(acc.data(), 1.0f, a.scale, a.dim, a.out + t * a.dim);
     }
@@ -95,7 +102,7 @@ void gather_rows(const TensorView& x, const TensorView& row_src, const TensorVie
     check_view(x, "x", DTypeOf<T>::value, {x.shape[0], x.shape[1]}, dev, idx);
     check_view(out, "out", DTypeOf<T>::value, {rows, x.shape[1]}, dev, idx);
     GatherArgs<T> a{x.ptr<T>(), row_src.ptr<int32_t>(), offsets.ptr<int32_t>() + offsets.shape[0] - 1, rows,
-                    x.shape[1], top_k, scale, out.ptr<T>()};
+                    x.shape[1], x.shape[0], top_k, scale, out.ptr<T>()};
     if (dev == DeviceType::kCUDA) {
       gather_rows_cuda(a, idx, stream);
     } else {

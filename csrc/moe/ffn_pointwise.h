@@ -28,6 +28,7 @@ struct GatherArgs {
   const int32_t* row_src;
   const int32_t* total_rows;  // &offsets[n_ffn]
   int64_t rows, dim;
+  int64_t tokens;  // x's rows: row_src entries outside [0, tokens * top_k) name no token
   int top_k;
   float scale;
   T* out;

@@ -7,6 +7,7 @@
 #include "../cuda/vec.h"
 #include "ffn_math.h"
 #include "ffn_pointwise.h"
+#include "indices.h"
 
 namespace moepp::moe {
 
@@ -33,10 +34,16 @@ __global__ void gather_kernel(GatherArgs<T> a) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < m * per_row; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / per_row;
     const int64_t d = (i % per_row) * V;
-    const Vec<T, V> x = load_vec<T, V>(a.x + static_cast<int64_t>(a.row_src[r] / a.top_k) * a.dim + d);
+    const int32_t slot = a.row_src[r];
     Vec<T, V> y;
+    if (in_range(slot, a.tokens * a.top_k)) {
+      const Vec<T, V> x = load_vec<T, V>(a.x + static_cast<int64_t>(slot / a.top_k) * a.dim + d);
 #pragma unroll
-    for (int j = 0; j < V; ++j) y.v[j] = from_float<T>(a.scale * to_float(x.v[j]));
+      for (int j = 0; j < V; ++j) y.v[j] = from_float<T>(a.scale * to_float(x.v[j]));
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) y.v[j] = from_float<T>(0.0f);
+    }
     store_vec<T, V>(a.out + r * a.dim + d, y);
   }
 }
@@ -85,7 +92,7 @@ __global__ void row_sum_kernel(RowSumArgs<T> a) {
     for (int j = 0; j < V; ++j) acc[j] = 0.0f;
     for (int s = 0; s < a.top_k; ++s) {
       const int32_t row = a.slot_row[t * a.top_k + s];
-      if (row < 0) continue;
+      if (!in_range(row, a.tokens * a.top_k)) continue;
       const Vec<T, V> v = load_vec<T, V>(a.src + static_cast<int64_t>(row) * a.dim + d);
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[j] += to_float(v.v[j]);
