@@ -5,6 +5,7 @@
 // shuffle made of a shared slot array and a barrier (so sums add in the GPU's
 // butterfly order), and g.sync() is a barrier. An ownership or barrier mistake in
 // router_math.h then shows up here as a wrong result, or as a timeout.
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
