@@ -45,7 +45,7 @@ def router_scalars(config: MoEPPConfig) -> RouterScalars:
 
 
 def router_options(num_experts: int, scalars: RouterScalars) -> "_C.RouterOptions":
-    """The C++ RouterOptions for N = num_experts."""
+    """A new C++ RouterOptions for N = num_experts."""
     o = _C.RouterOptions()
     o.num_experts = num_experts
     o.top_k = scalars.top_k
@@ -59,6 +59,11 @@ def router_options(num_experts: int, scalars: RouterScalars) -> "_C.RouterOption
     o.scaling = scalars.scaling
     o.scale_identity = scalars.scale_identity
     return o
+
+
+# The ops' options per call shape: built once (the C++ side only reads them), so a call
+# costs a lookup instead of a dozen attribute writes.
+_cached_options = functools.lru_cache(maxsize=256)(router_options)
 
 
 @torch.library.custom_op("moepp::router_forward", mutates_args=())
@@ -78,8 +83,8 @@ def router_forward(logits: Tensor, prev_logits: Optional[Tensor], residual_weigh
     if with_stats:
         partials = torch.empty((_C.router_partial_rows(tokens, n, device_code(dev)), n), dtype=logits.dtype,
                                device=dev)
-    options = router_options(n, RouterScalars(top_k, copy_begin, zero_begin, gating, normalize, sigma, renormalize,
-                                              scaling, scale_identity))
+    options = _cached_options(n, RouterScalars(top_k, copy_begin, zero_begin, gating, normalize, sigma, renormalize,
+                                               scaling, scale_identity))
     _C.router_forward(options, view(logits), optional_view(prev_logits), optional_view(residual_weight),
                       optional_view(selection_bias), view(ids), view(weights),
                       view(logits_out) if prev_logits is not None else None, view(counts), optional_view(partials),
@@ -110,8 +115,8 @@ def router_backward(grad_weights: Optional[Tensor], grad_logits_out: Optional[Te
     tokens, n = routed_logits.shape
     grad_logits = torch.empty_like(routed_logits)
     grad_prev = torch.empty_like(routed_logits) if residual_weight is not None else routed_logits.new_empty((0,))
-    options = router_options(n, RouterScalars(top_k, copy_begin, zero_begin, gating, normalize, sigma, renormalize,
-                                              scaling, scale_identity))
+    options = _cached_options(n, RouterScalars(top_k, copy_begin, zero_begin, gating, normalize, sigma, renormalize,
+                                               scaling, scale_identity))
     _C.router_backward(options, view(routed_logits), view(ids), optional_view(grad_weights),
                        optional_view(grad_logits_out), optional_view(grad_prob_sum), optional_view(residual_weight),
                        view(grad_logits), view(grad_prev) if residual_weight is not None else None,
