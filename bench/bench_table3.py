@@ -37,7 +37,7 @@ def expert_forward(layer: MoEPPLayer, x: torch.Tensor, logits: torch.Tensor):
     cfg = layer.config
     route = fused_router(logits, cfg)
     mix = torch.zeros(x.shape[0], 2 * cfg.n_constant, device=x.device)
-    scale = float(cfg.top_k) if cfg.scale_input_by_topk else 1.0
+    scale = cfg.input_scale
 
     backend = grouped_gemm.resolve_backend("auto", x.device, x.dtype, (cfg.hidden_size, cfg.ffn_size))
 

@@ -101,6 +101,11 @@ class MoEPPConfig:
     def zero_begin(self) -> int:
         return self.n_ffn + self.n_constant + self.n_copy
 
+    @property
+    def input_scale(self) -> float:
+        """What the experts see x multiplied by: top_k with scale_input_by_topk (x_e = x * k), else 1."""
+        return float(self.top_k) if self.scale_input_by_topk else 1.0
+
     def expert_kind(self, expert: int) -> str:
         """"ffn", "constant", "copy" or "zero" for expert id `expert`."""
         if not 0 <= expert < self.n_experts:

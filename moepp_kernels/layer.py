@@ -89,7 +89,7 @@ def moepp_layer(x: Tensor, config: MoEPPConfig, *, up: Tensor, down: Tensor, con
     if prev_logits is not None and residual_weight is None:
         raise ValueError("prev_logits was given but residual_weight is None")
     backend = grouped_gemm.resolve_backend(gemm_backend, x.device, x.dtype, (config.hidden_size, config.ffn_size))
-    scale = float(config.top_k) if config.scale_input_by_topk else 1.0
+    scale = config.input_scale
 
     x2 = x.reshape(-1, d)
     logits, mix = _gate_and_mix(x2.float(), config, gate_weight, gate_w1, gate_w2, const_gate, scale)

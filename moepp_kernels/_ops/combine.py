@@ -21,7 +21,7 @@ def layout_scalars(config: MoEPPConfig) -> Tuple[int, int, int, int, float]:
     """(n_ffn, copy_begin, zero_begin, n_experts, scale) of `config`, the combine ops'
     scalar arguments (scale: the x*k factor)."""
     return (config.n_ffn, config.copy_begin, config.zero_begin, config.n_experts,
-            float(config.top_k) if config.scale_input_by_topk else 1.0)
+            config.input_scale)
 
 
 def _inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value):
