@@ -28,9 +28,8 @@ def expert_ffn(x: Tensor, up: Tensor, down: Tensor, plan, *, top_k: int, scale: 
         backend: a grouped-GEMM backend (grouped_gemm.BACKENDS); "auto" picks one.
     Differentiable w.r.t. x, up and down. The plan's indices are checked on the CPU
     (O(T * k)), raising ValueError. On CUDA a check would wait for the device: it runs
-    only with MOEPP_CHECK_INDICES=1; otherwise the CUDA kernels (gather, row sum, the
-    CUTLASS arguments) skip entries outside their buffers, and the Triton kernels take
-    the plan as build_plan made it.
+    only with MOEPP_CHECK_INDICES=1; otherwise the kernels (CUDA, CUTLASS's arguments,
+    Triton) clamp the offsets into the buffers and read a slot naming no token as zeros.
     """
     check_tensor("x", x, dtypes=MODEL_DTYPES, shape=(None, None))
     tokens, d = x.shape

@@ -24,7 +24,12 @@ from .router import MoEPPRouter, RouterOutput, fused_router
 def load_balance_loss(f: Tensor, p: Tensor, config: MoEPPConfig) -> Tensor:
     """L_b = Σ_i η_i f_i P_i with η_i = 1 for FFN experts and τ (config.balance_tau)
     for zero-computation experts (spec: "The paper's training-side extras").
-    f, p: the router's fused statistics [N]; gradients flow through p."""
+    f, p: the router's fused statistics [N] (float32, or float64 for a float64 router);
+    gradients flow through p."""
+    if not isinstance(config, MoEPPConfig):
+        raise TypeError(f"config must be a MoEPPConfig, got {type(config).__name__}")
+    check_tensor("f", f, dtypes=(torch.float32, torch.float64), shape=(config.n_experts,))
+    check_tensor("P", p, dtypes=(torch.float32, torch.float64), shape=(config.n_experts,), device=f.device)
     eta = torch.where(torch.arange(config.n_experts, device=p.device) < config.n_ffn,
                       torch.ones((), dtype=p.dtype, device=p.device),
                       torch.full((), config.balance_tau, dtype=p.dtype, device=p.device))

@@ -13,7 +13,9 @@ expert-sorted rows, with
 Group sizes are read on the device: each program loads the plan's offsets in
 one vector, turns them into per-expert tile counts and their running sum in
 registers, and finds its expert by counting the experts whose tiles end at or
-before its own; nothing waits for the host and no helper kernel runs. Programs
+before its own; nothing waits for the host and no helper kernel runs. Offsets and
+row sources are read with any values in them: groups are clamped into the buffers'
+rows and a slot naming no token reads zeros (as the CUDA kernels do, csrc/moe/indices.h). Programs
 are ordered in groups of GROUP_M M tiles sweeping the N tiles, so a group's rows
 and the expert's weights both stay in L2.
 
@@ -96,13 +98,21 @@ def pick_wgrad_config(device: torch.device) -> TileConfig:
 
 
 @triton.jit
-def _locate_tile(offsets_ptr, pid_m, groups, BLOCK_M: tl.constexpr, GROUPS_P2: tl.constexpr):
+def _clamp_rows(lo, hi, rows):
+    """An expert's [lo, hi) clamped into [0, rows), ending no earlier than it starts:
+    offsets with any values in them never name rows outside the buffers."""
+    lo = tl.minimum(tl.maximum(lo, 0), rows)
+    return lo, tl.minimum(tl.maximum(hi, lo), rows)
+
+
+@triton.jit
+def _locate_tile(offsets_ptr, pid_m, groups, rows, BLOCK_M: tl.constexpr, GROUPS_P2: tl.constexpr):
     """(total M tiles, first row, end row) of M tile pid_m: expert e owns tiles
     [sum of earlier experts' cdiv(rows, BLOCK_M), + its own)."""
     idx = tl.arange(0, GROUPS_P2)
     ok = idx < groups
-    lo = tl.load(offsets_ptr + idx, mask=ok, other=0)
-    hi = tl.load(offsets_ptr + idx + 1, mask=ok, other=0)
+    lo, hi = _clamp_rows(tl.load(offsets_ptr + idx, mask=ok, other=0), tl.load(offsets_ptr + idx + 1, mask=ok, other=0),
+                         rows)
     tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     ends = tl.cumsum(tiles, axis=0)
     e = tl.sum((ends <= pid_m).to(tl.int32), axis=0)
@@ -113,22 +123,28 @@ def _locate_tile(offsets_ptr, pid_m, groups, BLOCK_M: tl.constexpr, GROUPS_P2: t
 
 
 @triton.jit
-def _row_block(row_src_ptr, row_begin, row_end, GATHER: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr):
+def _row_block(row_src_ptr, row_begin, row_end, src_slots, GATHER: tl.constexpr, TOP_K: tl.constexpr,
+               BLOCK_M: tl.constexpr):
     """Rows [row_begin, row_begin + BLOCK_M) of the plan, which of them are the
-    expert's, and the row of A each reads: x's token (row_src // k) when gathering."""
+    expert's, the row of A each reads (x's token, row_src // k, when gathering) and
+    which of those reads are real: a slot outside [0, src_slots) names no token, and
+    its row is read as zeros."""
     rows = row_begin + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     if GATHER:
-        src = tl.load(row_src_ptr + rows, mask=row_ok, other=0) // TOP_K
+        slot = tl.load(row_src_ptr + rows, mask=row_ok, other=0)
+        src_ok = row_ok & (slot >= 0) & (slot < src_slots)
+        src = tl.where(src_ok, slot, 0) // TOP_K
     else:
         src = rows
-    return rows, row_ok, src
+        src_ok = row_ok
+    return rows, row_ok, src, src_ok
 
 
 @triton.jit
 def grouped_mm_kernel(
     a_ptr, b_ptr, c_ptr, offsets_ptr, row_src_ptr, h_ptr, act_ptr,
-    N, K, groups, num_pid_m, scale,
+    N, K, groups, num_pid_m, total_rows, src_slots, scale,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_hm, stride_actm, up_offset,
     GATHER: tl.constexpr, TOP_K: tl.constexpr, EPILOGUE: tl.constexpr, STORE_H: tl.constexpr,
     PRECISION: tl.constexpr, GROUPS_P2: tl.constexpr, GROUP_M: tl.constexpr,
@@ -147,10 +163,10 @@ def grouped_mm_kernel(
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    total_tiles, row_begin, row_end, e = _locate_tile(offsets_ptr, pid_m, groups, BLOCK_M, GROUPS_P2)
+    total_tiles, row_begin, row_end, e = _locate_tile(offsets_ptr, pid_m, groups, total_rows, BLOCK_M, GROUPS_P2)
     if pid_m >= total_tiles:
         return
-    _, row_ok, src = _row_block(row_src_ptr, row_begin, row_end, GATHER, TOP_K, BLOCK_M)
+    _, row_ok, src, src_ok = _row_block(row_src_ptr, row_begin, row_end, src_slots, GATHER, TOP_K, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -160,7 +176,7 @@ def grouped_mm_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=src_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if EPILOGUE == 1:
@@ -207,7 +223,7 @@ def grouped_mm_kernel(
 @triton.jit
 def grouped_wgrad_kernel(
     dy_ptr, x_ptr, dw_ptr, offsets_ptr, row_src_ptr,
-    N, K, scale,
+    N, K, total_rows, src_slots, scale,
     stride_dym, stride_xm, stride_dwe, stride_dwn,
     GATHER: tl.constexpr, TOP_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -217,19 +233,18 @@ def grouped_wgrad_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     e = tl.program_id(2)
-    row_begin = tl.load(offsets_ptr + e)
-    row_end = tl.load(offsets_ptr + e + 1)
+    row_begin, row_end = _clamp_rows(tl.load(offsets_ptr + e), tl.load(offsets_ptr + e + 1), total_rows)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = ns < N
     k_ok = ks < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(row_begin, row_end, BLOCK_M):
-        rows, row_ok, src = _row_block(row_src_ptr, r0, row_end, GATHER, TOP_K, BLOCK_M)
+        rows, row_ok, src, src_ok = _row_block(row_src_ptr, r0, row_end, src_slots, GATHER, TOP_K, BLOCK_M)
         dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + ns[None, :],
                      mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    mask=src_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=PRECISION)
     if GATHER:
         acc = acc * scale
@@ -260,7 +275,7 @@ def _launch_mm(a: Tensor, b: Tensor, c: Tensor, offsets: Tensor, n: int, k: int,
         grouped_mm_kernel[grid](
             a, b, c, offsets, row_src if row_src is not None else offsets,
             h if h is not None else dummy, act if act is not None else dummy,
-            n, k, groups, num_pid_m, scale,
+            n, k, groups, num_pid_m, rows, a.shape[0] * top_k if row_src is not None else rows, scale,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], b_strides[2], c.stride(0),
             h.stride(0) if h is not None else 0, act.stride(0) if act is not None else 0, up_offset,
             GATHER=row_src is not None, TOP_K=top_k, EPILOGUE=epilogue, STORE_H=store_h,
@@ -320,7 +335,8 @@ def weight_grad(dy: Tensor, x: Tensor, offsets: Tensor, row_src: Tensor | None =
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k), groups)
     with torch.cuda.device(dy.device) if dy.is_cuda else contextlib.nullcontext():
         grouped_wgrad_kernel[grid](
-            dy, x, dw, offsets, row_src if row_src is not None else offsets, n, k, scale,
+            dy, x, dw, offsets, row_src if row_src is not None else offsets, n, k, dy.shape[0],
+            x.shape[0] * top_k if row_src is not None else dy.shape[0], scale,
             dy.stride(0), x.stride(0), dw.stride(0), dw.stride(1),
             GATHER=row_src is not None, TOP_K=top_k, PRECISION=_precision(dy.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

@@ -52,7 +52,8 @@ def _variants():
 
 
 def _signature(kernel, constexprs, dtype="bf16"):
-    ints = {"N", "K", "groups", "num_pid_m", "up_offset"} | {n for n in kernel.arg_names if n.startswith("stride")}
+    ints = {"N", "K", "groups", "num_pid_m", "total_rows", "src_slots", "up_offset"} | {
+        n for n in kernel.arg_names if n.startswith("stride")}
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs or name.startswith("BLOCK_"):

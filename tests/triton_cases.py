@@ -78,3 +78,30 @@ def test_layer_with_the_triton_backend():
     layer = MoEPPLayer(cfg, dtype=torch.float32, gemm_backend="triton")
     x = torch.randn(19, 32, requires_grad=True)
     assert_layer_matches_reference(layer, x, torch.float32)
+
+
+def test_malformed_plans_stay_inside_the_buffers():
+    """Offsets and row sources with any values (the public entry checks them on the CPU;
+    the kernels must not leave their buffers either way): a slot naming no token reads
+    zeros, groups are clamped to the rows there are."""
+    from moepp_kernels._ops.expert_ffn import expert_ffn as expert_ffn_op
+
+    d, i, tokens = 16, 8, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(tokens, d, generator=g)
+    up, down = torch.randn(2, 2 * i, d, generator=g), torch.randn(2, d, i, generator=g)
+    row_src = torch.tensor([0, 77_777, -3, 5, 6, 7, 1, 2], dtype=torch.int32)
+    slot_row = torch.arange(8, dtype=torch.int32).reshape(tokens, 2)
+    for offsets in ([0, 4, 8], [0, 6, 3], [-5, 40, 2**31 - 1]):
+        offsets = torch.tensor(offsets, dtype=torch.int32)
+        leaf = x.clone().requires_grad_()
+        y, _ = expert_ffn_op(leaf, up.requires_grad_(), down.requires_grad_(), row_src, slot_row, offsets, 2, 1.0,
+                             "triton")
+        rows = int(offsets.clamp(0, 8)[-1])
+        assert torch.isfinite(y[:rows]).all()
+        y[:rows].sum().backward()  # the weight-gradient kernels read the same plan
+        assert torch.isfinite(leaf.grad).all() and torch.isfinite(up.grad).all()
+        up.grad = down.grad = None
+    y, _ = expert_ffn_op(x, up, down, row_src, slot_row, torch.tensor([0, 4, 8], dtype=torch.int32), 2, 1.0,
+                         "triton")
+    assert torch.equal(y[1], torch.zeros(d)) and torch.equal(y[2], torch.zeros(d))
