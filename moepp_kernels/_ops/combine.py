@@ -5,7 +5,6 @@ n_ffn, copy_begin, zero_begin, n_experts, scale) -> out, and its fused backward;
 layout scalars are positional (see _ops/router.py), made by layout_scalars(config).
 """
 
-import functools
 from typing import Tuple
 
 import torch
@@ -14,9 +13,10 @@ from torch import Tensor
 from .. import _C
 from .._tensors import stream_handle, view
 from ..config import MoEPPConfig
+from . import per_config
 
 
-@functools.lru_cache(maxsize=256)
+@per_config
 def layout_scalars(config: MoEPPConfig) -> Tuple[int, int, int, int, float]:
     """(n_ffn, copy_begin, zero_begin, n_experts, scale) of `config`, the combine ops'
     scalar arguments (scale: the x*k factor)."""

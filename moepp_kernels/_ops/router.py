@@ -8,7 +8,6 @@ keyword-only scalars double the dispatcher's per-call cost (measured on torch
 2.14: about 10 us more per op call for ten of them).
 """
 
-import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 from .. import _C
 from .._tensors import device_code, optional_view, stream_handle, view
 from ..config import MoEPPConfig
+from . import per_config
 
 _GATING_CODES = {"softmax_topk": 0, "topk_softmax": 1}
 
@@ -36,7 +36,7 @@ class RouterScalars(NamedTuple):
     scale_identity: bool
 
 
-@functools.lru_cache(maxsize=256)
+@per_config
 def router_scalars(config: MoEPPConfig) -> RouterScalars:
     """RouterScalars of `config` (cached per config, which is frozen)."""
     return RouterScalars(config.top_k, config.copy_begin, config.zero_begin, config.gating, config.normalize_logits,
@@ -61,9 +61,18 @@ def router_options(num_experts: int, scalars: RouterScalars) -> "_C.RouterOption
     return o
 
 
-# The ops' options per call shape: built once (the C++ side only reads them), so a call
+# The ops' options per (N, scalars): built once (the C++ side only reads them), so a call
 # costs a lookup instead of a dozen attribute writes.
-_cached_options = functools.lru_cache(maxsize=256)(router_options)
+_OPTIONS: dict = {}
+
+
+def _cached_options(*key) -> "_C.RouterOptions":
+    options = _OPTIONS.get(key)
+    if options is None:
+        if len(_OPTIONS) >= 1024:
+            _OPTIONS.clear()
+        options = _OPTIONS[key] = router_options(key[0], RouterScalars(*key[1:]))
+    return options
 
 
 @torch.library.custom_op("moepp::router_forward", mutates_args=())
@@ -83,8 +92,8 @@ def router_forward(logits: Tensor, prev_logits: Optional[Tensor], residual_weigh
     if with_stats:
         partials = torch.empty((_C.router_partial_rows(tokens, n, device_code(dev)), n), dtype=logits.dtype,
                                device=dev)
-    options = _cached_options(n, RouterScalars(top_k, copy_begin, zero_begin, gating, normalize, sigma, renormalize,
-                                               scaling, scale_identity))
+    options = _cached_options(n, top_k, copy_begin, zero_begin, gating, normalize, sigma, renormalize, scaling,
+                              scale_identity)
     _C.router_forward(options, view(logits), optional_view(prev_logits), optional_view(residual_weight),
                       optional_view(selection_bias), view(ids), view(weights),
                       view(logits_out) if prev_logits is not None else None, view(counts), optional_view(partials),
@@ -115,8 +124,8 @@ def router_backward(grad_weights: Optional[Tensor], grad_logits_out: Optional[Te
     tokens, n = routed_logits.shape
     grad_logits = torch.empty_like(routed_logits)
     grad_prev = torch.empty_like(routed_logits) if residual_weight is not None else routed_logits.new_empty((0,))
-    options = _cached_options(n, RouterScalars(top_k, copy_begin, zero_begin, gating, normalize, sigma, renormalize,
-                                               scaling, scale_identity))
+    options = _cached_options(n, top_k, copy_begin, zero_begin, gating, normalize, sigma, renormalize, scaling,
+                              scale_identity)
     _C.router_backward(options, view(routed_logits), view(ids), optional_view(grad_weights),
                        optional_view(grad_logits_out), optional_view(grad_prob_sum), optional_view(residual_weight),
                        view(grad_logits), view(grad_prev) if residual_weight is not None else None,
