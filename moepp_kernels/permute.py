@@ -80,11 +80,12 @@ def check_plan(plan: object, tokens: int, top_k: int, n_ffn: int, device: torch.
     _first_bad("plan.slot_row", (slot_row < -1) | (slot_row >= rows), slot_row, f"is outside [-1, rows = {rows})")
     _first_bad("plan.row_src", slot_row[row_src] != torch.arange(rows), row_src,
                "names a slot whose plan.slot_row does not point back at this row")
-    if (slot_row >= 0).sum() != rows:
-        raise ValueError(f"plan.slot_row gives {int((slot_row >= 0).sum())} slots a row; plan.offsets has {rows} rows")
+    has_row = slot_row >= 0
+    if int(has_row.sum()) != rows:
+        raise ValueError(f"plan.slot_row gives {int(has_row.sum())} slots a row; plan.offsets has {rows} rows")
     if topk_ids is not None:
         ids = topk_ids.reshape(-1).cpu().long()
         _first_bad("topk_ids (flattened)", (ids < 0) | (ids >= n_experts), ids, f"is outside [0, {n_experts})")
-        _first_bad("topk_ids (flattened)", ((ids >= 0) & (ids < n_ffn)) != (slot_row >= 0), ids,
+        _first_bad("topk_ids (flattened)", ((ids >= 0) & (ids < n_ffn)) != has_row, ids,
                    "disagrees with the plan: FFN slots, and only they, have a row")
     return plan

@@ -1,6 +1,8 @@
 """The whole MoE++ layer against the reference, forward and backward (CPU, and
 CUDA when there is a GPU)."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import (
@@ -53,7 +55,9 @@ def run_both(layer, x, prev, seed=1, exact=False):
             ([x, prev], list(layer.parameters()), lambda: R.moepp_layer(x, params, layer.config, prev))]
     if exact:
         x64, prev64, params64 = float64_leaf(x), float64_leaf(prev), float64_params(params)
-        weights64 = [getattr(params64, LAYER_TO_REFERENCE[n]) for n, _ in layer.named_parameters()]
+        # each layer parameter's float64 copy, found by the reference field that shares the tensor
+        field_of = {id(getattr(params, f.name)): f.name for f in dataclasses.fields(params)}
+        weights64 = [getattr(params64, field_of[id(p)]) for p in layer.parameters()]
         runs.append(([x64, prev64], weights64, lambda: R.moepp_layer(x64, params64, layer.config, prev64)))
     results = []
     for inputs_, weights, fn in runs:
@@ -64,12 +68,6 @@ def run_both(layer, x, prev, seed=1, exact=False):
         results.append((out, logits, torch.autograd.grad(loss, leaves, allow_unused=True)))
     names = ["x"] + (["prev_logits"] if prev is not None else []) + [n for n, _ in layer.named_parameters()]
     return results, names
-
-
-# MoEPPLayer's parameters in named_parameters() order, as reference.MoEPPParams fields.
-LAYER_TO_REFERENCE = {"router.gate_weight": "gate_weight", "router.gate_w1": "gate_w1", "router.gate_w2": "gate_w2",
-                      "router.residual_weight": "residual_weight", "up": "up", "down": "down",
-                      "const_gate": "const_gate", "const_value": "const_value"}
 
 
 def inputs(cfg, tokens, dtype, device, residual, seed=2):
