@@ -74,6 +74,8 @@ def measure(benchmark):
             record.update({"median_ms": stats.median * 1e3, "min_ms": stats.min * 1e3, "max_ms": stats.max * 1e3,
                            "stdev_ms": stats.stddev * 1e3, "reps": stats.rounds})
         record.update(extra or {})
+        if "tokens" in record:
+            record["tokens_per_s"] = record["tokens"] / (record["median_ms"] * 1e-3)
         if "weight_read_ms" in record:
             record["weight_read_ratio"] = record["median_ms"] / record["weight_read_ms"]
         if flops:
@@ -110,6 +112,8 @@ def _derived(impls: dict) -> dict:
         out["paper_speedup"] = moepp["paper_speedup"]
         out["target_zc_share"] = moepp["target_zc_share"]
         out["measured_zc_share"] = moepp["measured_zc_share"]
+    if "original" in ms and "swapped" in ms:  # a whole model, its own MoE modules vs ours swapped in
+        out["speedup_vs_original"] = ms["original"] / ms["swapped"]
     if "dense" in ms:
         out["efficiency_vs_dense"] = {k: ms["dense"] / v for k, v in ms.items() if k != "dense"}
     if "layer" in impls:
@@ -146,6 +150,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 note = (f"{derived['speedup_vs_vanilla']:.2f}x vanilla (ideal {derived['ideal_speedup']:.2f}x, "
                         f"paper {'-' if paper is None else f'{paper:.2f}x'}; zc share "
                         f"{derived['measured_zc_share']:.3f} for {derived['target_zc_share']:.3f})")
+            elif impl == "swapped" and "speedup_vs_original" in derived:
+                note = f"{derived['speedup_vs_original']:.2f}x the model's own MoE modules"
             elif "share_of_layer" in derived and impl in derived["share_of_layer"]:
                 note = f"{100 * derived['share_of_layer'][impl]:.1f}% of layer"
             elif "efficiency_vs_dense" in derived and impl in derived["efficiency_vs_dense"]:
@@ -154,6 +160,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 note += f" peak {r['peak_memory_bytes'] / 2**20:.0f} MiB"
             if "tflops" in r:
                 note += f" {r['tflops']:.1f} TFLOP/s"
+            if "tokens_per_s" in r:
+                note += f" {r['tokens_per_s']:,.0f} tokens/s"
             if "weight_read_ratio" in r:
                 note += f" {r['weight_read_ratio']:.2f}x the weight-read time"
             if any((r.get(k) or {}).get("throttled") for k in ("nvml_before", "nvml_after")):

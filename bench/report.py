@@ -82,7 +82,12 @@ def render(summary: dict) -> str:
     router = simple_rows(cases, "router", lambda n, c: (
         f"- {n}: {c['speedup']:.2f}x the reference, "
         f"{100 * c['impls']['fused'].get('fraction_of_copy_bw', 0):.0f}% of copy bandwidth"))
-    for title, rows in (("Layer", layer), ("Grouped GEMM", gemm), ("Decode", decode), ("Router", router)):
+    models = simple_rows(cases, "model ", lambda n, c: (
+        f"- {n}: swapped {c['impls']['swapped']['tokens_per_s']:,.0f} tokens/s, "
+        f"{c['speedup_vs_original']:.2f}x the model's own MoE modules "
+        f"({c['impls']['original']['tokens_per_s']:,.0f} tokens/s)"))
+    for title, rows in (("Layer", layer), ("Grouped GEMM", gemm), ("Decode", decode), ("Router", router),
+                        ("Whole models (prefill), their own MoE modules vs swapped", models)):
         if rows:
             parts += [f"{title}:", "", *rows, ""]
     if throttled:

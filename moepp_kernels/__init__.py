@@ -4,10 +4,10 @@ import torch  # noqa: F401  (first: _C then binds to torch's OpenMP runtime, see
 
 from . import reference
 from ._C import built_with_cuda
-from .checkpoint import replace_moepp_layers
 from .combine import combine
 from .config import MoEPPConfig
 from .expert_ffn import expert_ffn
+from .integrations.released_moepp import replace_moepp_layers, restore_moepp_layers
 from .layer import MoEPPLayer, load_balance_loss, moepp_layer
 from .permute import PermutationPlan, build_plan
 from .router import MoEPPRouter, RouterOutput, fused_router
@@ -28,4 +28,5 @@ __all__ = [
     "moepp_layer",
     "reference",
     "replace_moepp_layers",
+    "restore_moepp_layers",
 ]

@@ -1,5 +1,6 @@
 """Conversion between the released MoE++ layer's state dict and MoEPPLayer
-(spec: "Checkpoint layout"), and a helper that swaps such layers in a model.
+(spec: "Checkpoint layout"). Swapping such layers in a model:
+integrations/released_moepp.py.
 
 Keys, relative to a layer's `mlp.` prefix: `moe.gate.wg.weight` [N, D] (or
 `moe.gate.wg.0.weight` [8N, D] and `moe.gate.wg.2.weight` [N, 8N]),
@@ -86,25 +87,3 @@ def moepp_state_dict_from_layer(layer, prefix: str = "") -> dict[str, Tensor]:
     if layer.router.residual_weight is not None:
         out[prefix + RESIDUAL] = layer.router.residual_weight.detach().clone()
     return out
-
-
-def _is_moepp_module(module: nn.Module) -> bool:
-    moe = getattr(module, "moe", None)
-    gate = getattr(moe, "gate", None)
-    return isinstance(moe, nn.Module) and hasattr(gate, "wg") and hasattr(getattr(moe, "experts", None), "experts")
-
-
-def replace_moepp_layers(model: nn.Module, config: MoEPPConfig, gemm_backend: str = "auto") -> list[str]:
-    """Swap every released-layout MoE++ layer module in `model` (a module with
-    `moe.gate.wg` and `moe.experts.experts`, e.g. each decoder layer's `mlp`)
-    for a MoEPPLayer holding its weights (copied into stacked expert tensors;
-    the old module is dropped). Returns the names of the swapped modules."""
-    swapped = []
-    for name, module in list(model.named_modules()):
-        if not name or not _is_moepp_module(module):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer_from_moepp_state_dict(module.state_dict(), config, gemm_backend=gemm_backend))
-        swapped.append(name)
-    return swapped

@@ -103,7 +103,7 @@ class MoEPPRouter(nn.Module):
     `gate_w2` [N, 8N] (gate_depth 2); `residual_weight` G [N, N] when
     `has_residual`, applied when prev_logits is given (every MoE++ layer but the
     first, like the released layer); buffer `selection_bias` [N] when
-    config.selection_bias.
+    config.selection_bias. All float32 whatever the model is cast to.
     """
 
     def __init__(self, config: MoEPPConfig, has_residual: bool = False, device: Optional[torch.device] = None):
@@ -122,6 +122,30 @@ class MoEPPRouter(nn.Module):
         else:
             self.selection_bias = None
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the router; dtype casts (`.to(torch.bfloat16)`, `.half()`,
+        a model-wide `torch_dtype`) do not: its parameters, buffers and grads stay float32
+        (spec: "Router (all in fp32)"), each converted from its original, not round-tripped."""
+
+        def keep_float32(t: Tensor) -> Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != torch.float32:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_float32, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A bf16 / fp16 checkpoint's router tensors are read as float32, also with load_state_dict(assign=True),
+        # which would otherwise adopt the checkpoint's dtype (state_dict is load_state_dict's own copy).
+        for name in (*self._parameters, *self._buffers):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+                state_dict[prefix + name] = t.float()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def reset_parameters(self) -> None:
         for p in self.parameters():

@@ -1,10 +1,10 @@
-"""Released-checkpoint layout <-> MoEPPLayer, and swapping layers in a model."""
+"""Released-checkpoint layout <-> MoEPPLayer (the model swap: test_integrations_released_moepp.py)."""
 
 import pytest
 import torch
 from torch import nn
 
-from moepp_kernels import MoEPPConfig, MoEPPLayer, replace_moepp_layers
+from moepp_kernels import MoEPPConfig, MoEPPLayer
 from moepp_kernels import reference as R
 
 CFG = MoEPPConfig.moepp_7b().with_(hidden_size=32, ffn_size=24)
@@ -105,25 +105,3 @@ def test_bad_state_dicts():
         MoEPPLayer.from_moepp_state_dict(wrong, CFG)
     with pytest.raises(ValueError, match="missing keys"):
         MoEPPLayer.from_moepp_state_dict(sd, CFG.with_(gate_depth=2))
-
-
-def test_replace_layers_in_a_model():
-    torch.manual_seed(0)
-
-    class Block(nn.Module):
-        def __init__(self, residual):
-            super().__init__()
-            self.mlp = ReleasedLayer(CFG, residual=residual).to(torch.bfloat16)
-
-    model = nn.Module()
-    model.layers = nn.ModuleList([Block(residual=False), Block(residual=True)])
-    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
-    before_out, before_logits = model.layers[0].mlp(x.reshape(10, 32))
-    swapped = replace_moepp_layers(model, CFG)
-    assert swapped == ["layers.0.mlp", "layers.1.mlp"]
-    assert all(isinstance(b.mlp, MoEPPLayer) for b in model.layers)
-    assert model.layers[1].mlp.up.dtype == torch.bfloat16
-    out, logits = model.layers[0].mlp(x)
-    torch.testing.assert_close(logits, before_logits)
-    torch.testing.assert_close(out.reshape(10, 32).float(), before_out.float(), atol=3e-2, rtol=3e-2)
-    model.layers[1].mlp(x, logits)

@@ -24,6 +24,10 @@ def summary(gpu="NVIDIA H200", date="2026-11-28T00:00:00+00:00"):
             "layer cuda 7b T=16384 forward": {
                 "impls": {"fused": {"median_ms": 2.0}, "reference": {"median_ms": 20.0}, "gemm_floor": {"median_ms": 1.6}},
                 "speedup": 10.0, "speedup_bound": 12.5},
+            "model cuda longcat-flash T=8192 bfloat16 forward": {
+                "impls": {"original": {"median_ms": 30.0, "tokens_per_s": 273067.0},
+                          "swapped": {"median_ms": 10.0, "tokens_per_s": 819200.0}},
+                "speedup_vs_original": 3.0},
         },
     }
 
@@ -35,6 +39,7 @@ def test_report_and_plot(tmp_path):
     assert "| 0.6b | 0.50 | 0.490 (0.500) | 1.80x | 2.00x | 0.90 | 1.38x |" in text
     assert "10.00x the reference" in text and "bound any speedup at 12.50x" in text
     assert "Throttled" in text and "NVIDIA H200" in text
+    assert "swapped 819,200 tokens/s, 3.00x the model's own MoE modules (273,067 tokens/s)" in text
     assert (tmp_path / "speedup_vs_tau.png").stat().st_size > 1000
 
 

@@ -1,0 +1,100 @@
+"""Whole models, side by side: a small transformers LongCat-Flash (its own
+LongcatFlashMoE modules vs replace_longcat_flash_moe) and a small MoE++ model
+with the authors' released layer contract (tests/released_moepp.py, their
+per-expert loop, vs replace_moepp_layers); prefill forward and forward+backward,
+tokens/s and the ratio."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HAS_GPU
+
+from moepp_kernels import replace_moepp_layers
+from moepp_kernels.integrations import replace_longcat_flash_moe
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+import released_moepp  # noqa: E402
+
+# (batch, sequence) of the prefill and the model sizes, per device; --quick: the first row's tiny model.
+SIZES = {
+    "quick": {"tokens": (2, 32), "d": 64, "i": 32, "layers": 2, "n_routed": 8, "n_identity": 4, "top_k": 2},
+    "cpu": {"tokens": (2, 512), "d": 512, "i": 256, "layers": 2, "n_routed": 16, "n_identity": 8, "top_k": 4},
+    "cuda": {"tokens": (4, 2048), "d": 1024, "i": 512, "layers": 4, "n_routed": 64, "n_identity": 32, "top_k": 6},
+}
+DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}
+VOCAB = 1024
+
+
+def longcat_flash(size: dict):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "LongcatFlashConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no LongCat-Flash")
+    heads = 8
+    cfg = transformers.LongcatFlashConfig(
+        vocab_size=VOCAB, hidden_size=size["d"], num_layers=size["layers"], num_attention_heads=heads,
+        num_key_value_heads=heads, ffn_hidden_size=2 * size["d"], expert_ffn_hidden_size=size["i"],
+        n_routed_experts=size["n_routed"], zero_expert_num=size["n_identity"], moe_topk=size["top_k"],
+        q_lora_rank=size["d"] // 2, kv_lora_rank=size["d"] // 4, qk_nope_head_dim=size["d"] // heads // 2,
+        qk_rope_head_dim=size["d"] // heads // 2, v_head_dim=size["d"] // heads, head_dim=size["d"] // heads // 2,
+        max_position_embeddings=8192, routed_scaling_factor=6.0)
+    return transformers.LongcatFlashForCausalLM(cfg), replace_longcat_flash_moe
+
+
+def released_moepp_model(size: dict):
+    # the paper's layout: FFN experts + 2 constant + 1 copy + 1 zero; the 7B's gating flags
+    n = size["n_routed"] + 4
+    model = released_moepp.MoeForCausalLM(vocab=VOCAB, d=size["d"], i=size["i"], n=n, layers=size["layers"],
+                                          heads=8, logits_norm=True, no_mul_topk=True)
+    return model, replace_moepp_layers
+
+
+MODELS = {"longcat-flash": longcat_flash, "moepp-released": released_moepp_model}
+
+
+def cases() -> list:
+    out = []
+    for device in ("cpu", "cuda"):
+        marks = [pytest.mark.skipif(not HAS_GPU, reason="no GPU")] if device == "cuda" else []
+        for dtype in DTYPES[device]:
+            out.append(pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("impl", ["original", "swapped"])
+def bench_model(measure, quick, device, dtype, model_name, mode, impl):
+    size = SIZES["quick" if quick else device]
+    torch.manual_seed(0)
+    model, swap = MODELS[model_name](size)
+    model = model.to(device=device, dtype=dtype)
+    if impl == "swapped":
+        model = copy.deepcopy(model)
+        swap(model)
+    batch, seq = size["tokens"]
+    ids = torch.randint(0, VOCAB, (batch, seq), device=device, generator=torch.Generator().manual_seed(1))
+
+    def logits():
+        out = model(ids)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    if mode == "forward":
+        model.eval()
+
+        def fn():
+            with torch.no_grad():
+                return logits()
+    else:
+        model.train()
+
+        def fn():
+            model.zero_grad(set_to_none=True)
+            logits().float().logsumexp(-1).mean().backward()
+    measure(f"model {device} {model_name} T={batch * seq} {str(dtype)[6:]} {mode}", impl, device, fn,
+            extra={"tokens": batch * seq})
