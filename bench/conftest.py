@@ -92,6 +92,17 @@ def measure(benchmark):
     return run
 
 
+@pytest.fixture
+def record_result():
+    """record_result(case, impl, record): a result measured elsewhere (e.g. by spawned ranks,
+    with median_ms in record), reported side by side like measure's."""
+
+    def run(case: str, impl: str, record: dict) -> None:
+        _RESULTS[case][impl] = record
+
+    return run
+
+
 def _derived(impls: dict) -> dict:
     """Speedup of fused over reference, MoE++ over vanilla (with the ideal and the
     paper's), grouped GEMMs' efficiency against dense, parts' share of the layer."""
@@ -112,6 +123,15 @@ def _derived(impls: dict) -> dict:
         out["paper_speedup"] = moepp["paper_speedup"]
         out["target_zc_share"] = moepp["target_zc_share"]
         out["measured_zc_share"] = moepp["measured_zc_share"]
+    if "moepp_ep" in ms and "vanilla_ep" in ms:  # expert parallelism: wire bytes and step time
+        moepp, vanilla = impls["moepp_ep"], impls["vanilla_ep"]
+        out["speedup_vs_vanilla_ep"] = ms["vanilla_ep"] / ms["moepp_ep"]
+        out["ideal_speedup"] = moepp["ideal_speedup"]
+        out["fraction_of_ideal"] = out["speedup_vs_vanilla_ep"] / moepp["ideal_speedup"]
+        out["bytes_vs_vanilla_ep"] = moepp["wire_bytes_per_token"] / vanilla["wire_bytes_per_token"]
+        out["ffn_share"] = moepp["measured_ffn_share"]
+        if "remap_ep" in impls:
+            out["bytes_vs_remap_ep"] = moepp["wire_bytes_per_token"] / impls["remap_ep"]["wire_bytes_per_token"]
     if "original" in ms and "swapped" in ms:  # a whole model, its own MoE modules vs ours swapped in
         out["speedup_vs_original"] = ms["original"] / ms["swapped"]
     if "dense" in ms:
@@ -150,6 +170,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 note = (f"{derived['speedup_vs_vanilla']:.2f}x vanilla (ideal {derived['ideal_speedup']:.2f}x, "
                         f"paper {'-' if paper is None else f'{paper:.2f}x'}; zc share "
                         f"{derived['measured_zc_share']:.3f} for {derived['target_zc_share']:.3f})")
+            elif impl == "moepp_ep" and "speedup_vs_vanilla_ep" in derived:
+                note = (f"{derived['speedup_vs_vanilla_ep']:.2f}x vanilla EP (ideal {derived['ideal_speedup']:.2f}x); "
+                        f"wire bytes {derived['bytes_vs_vanilla_ep']:.3f}x vanilla EP's (FFN share "
+                        f"{derived['ffn_share']:.3f})"
+                        + (f", {derived['bytes_vs_remap_ep']:.3f}x remap-to-expert-0's"
+                           if "bytes_vs_remap_ep" in derived else ""))
             elif impl == "swapped" and "speedup_vs_original" in derived:
                 note = f"{derived['speedup_vs_original']:.2f}x the model's own MoE modules"
             elif "share_of_layer" in derived and impl in derived["share_of_layer"]:

@@ -36,6 +36,8 @@ class MoEPPConfig:
         scale_input_by_topk: experts see x * top_k (the original's default).
         balance_tau: tau, the load-balance weight of zero-computation experts.
         balance_coef: beta, the weight of the load-balance loss.
+        capacity_factor: gamma of the paper's expert capacity (training-side extras;
+            1.1 is the paper's), or None for no capacity: see capacity.py.
     """
 
     hidden_size: int
@@ -56,6 +58,7 @@ class MoEPPConfig:
     scale_input_by_topk: bool = False
     balance_tau: float = 0.75
     balance_coef: float = 0.01
+    capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_size", "n_ffn", "n_constant", "n_copy", "n_zero", "top_k", "gate_depth"):
@@ -84,6 +87,17 @@ class MoEPPConfig:
             raise ValueError(f"MoEPPConfig.balance_tau must be finite and >= 0, got {self.balance_tau}")
         if not math.isfinite(self.balance_coef):
             raise ValueError(f"MoEPPConfig.balance_coef must be finite, got {self.balance_coef}")
+        if self.capacity_factor is not None:
+            if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) or not (
+                    math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
+                raise ValueError(f"MoEPPConfig.capacity_factor must be None or a finite number > 0, got "
+                                 f"{self.capacity_factor!r}")
+            if self.n_zero < 1:
+                raise ValueError("MoEPPConfig.capacity_factor needs a zero expert (n_zero >= 1): dropped slots "
+                                 "become zero-expert slots of weight 0")
+            if self.balance_tau * self.n_ffn + self.n_experts - self.n_ffn == 0:
+                raise ValueError("MoEPPConfig.capacity_factor: tau * n_ffn + n_zc is 0 (balance_tau = 0 and no "
+                                 "zero-computation experts), so the capacity is undefined")
 
     @property
     def n_experts(self) -> int:

@@ -6,6 +6,7 @@ Section names in comments refer to the spec.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -119,7 +120,24 @@ def route(logits: Tensor, config: MoEPPConfig, prev_logits: Tensor | None = None
     unscaled = is_copy if not config.scale_identity_weights else torch.zeros_like(is_copy)
     scale = torch.where(unscaled, torch.ones_like(gates), torch.full_like(gates, config.routed_scaling_factor))
     weights = gates * scale
+    if config.capacity_factor is not None:
+        ids, weights = _capacity_drop(ids, weights, config)
     return ReferenceRouting(ids, weights, routed, probs)
+
+
+def _capacity_drop(ids: Tensor, weights: Tensor, config: MoEPPConfig) -> tuple[Tensor, Tensor]:
+    """Expert capacity (spec: training-side extras; capacity.py has the rounding): an expert keeps
+    its first C slots in (token, slot) order; the others become first-zero-expert slots of weight 0."""
+    tokens, k = ids.shape
+    n_zc = config.n_experts - config.n_ffn
+    per = config.capacity_factor * tokens * k / (config.balance_tau * config.n_ffn + n_zc)
+    limit = torch.full((config.n_experts,), math.ceil(per), dtype=torch.long, device=ids.device)
+    limit[: config.n_ffn] = math.ceil(config.balance_tau * per)
+    one_hot = F.one_hot(ids.reshape(-1), config.n_experts)
+    place = ((one_hot.cumsum(0) - one_hot) * one_hot).sum(-1).reshape(tokens, k)  # earlier slots, same expert
+    dropped = place >= limit[ids]
+    return (torch.where(dropped, torch.full_like(ids, config.zero_begin), ids),
+            torch.where(dropped, torch.zeros_like(weights), weights))
 
 
 def load_balance_stats(routing: ReferenceRouting, config: MoEPPConfig) -> tuple[Tensor, Tensor]:

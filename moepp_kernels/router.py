@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from . import _C
 from ._ops.router import router_scalars
 from ._tensors import check_backend, check_tensor
+from .capacity import apply_capacity
 from .config import MoEPPConfig
 
 MAX_TOP_K: int = _C.ROUTER_MAX_TOP_K
@@ -33,9 +34,11 @@ class RouterOutput(NamedTuple):
 
     topk_ids: [T, k] int32. topk_weights: [T, k] gates (dtype of the logits).
     logits: [T, N] l + r·Gᵀ, to pass on to the next MoE++ layer.
-    counts: [N] int32 slots per expert. f, P: [N] load-balance statistics (fraction
-    of slots per expert, mean probability per expert; P carries gradients), or
-    None unless asked for.
+    counts: [N] int32 slots per expert as chosen (before any capacity drop). f, P:
+    [N] load-balance statistics (fraction of slots per expert, mean probability per
+    expert; P carries gradients), or None unless asked for. dropped: with expert
+    capacity (config.capacity_factor), the fraction of slots dropped (fp32 scalar
+    tensor; ids and weights are then the ones after the drop, capacity.py), else None.
     """
 
     topk_ids: Tensor
@@ -44,6 +47,7 @@ class RouterOutput(NamedTuple):
     counts: Tensor
     f: Optional[Tensor]
     P: Optional[Tensor]
+    dropped: Optional[Tensor] = None
 
 
 def fused_router(logits: Tensor, config: MoEPPConfig, *, prev_logits: Optional[Tensor] = None,
@@ -89,11 +93,13 @@ def fused_router(logits: Tensor, config: MoEPPConfig, *, prev_logits: Optional[T
     ids, weights, logits_out, counts, prob_sum = torch.ops.moepp.router_forward(
         logits, prev_logits, residual_weight, selection_bias, *router_scalars(config), return_stats)
     passed_on = logits_out if prev_logits is not None else logits
-    f = p = None
+    f = p = dropped = None
     if return_stats:
         f = counts.to(torch.float32) / max(tokens * k, 1)
         p = prob_sum / max(tokens, 1)
-    return RouterOutput(ids, weights, passed_on, counts, f, p)
+    if config.capacity_factor is not None:
+        ids, weights, dropped = apply_capacity(ids, weights, counts, config)
+    return RouterOutput(ids, weights, passed_on, counts, f, p, dropped)
 
 
 class MoEPPRouter(nn.Module):

@@ -17,6 +17,7 @@ from moepp_kernels.distributed import ExpertParallelMoEPPLayer
 CFG = MoEPPConfig(hidden_size=16, ffn_size=8, n_ffn=6, n_constant=2, n_copy=1, n_zero=1, top_k=2,
                   normalize_logits=True, scale_input_by_topk=True)
 SENT: list[int] = []  # elements each all_to_all_single of this rank sent (recorded by the wrapper below)
+DEVICE = torch.device("cpu")  # this rank's device: cuda:<rank> with NCCL
 
 
 def _recording(all_to_all):
@@ -28,7 +29,7 @@ def _recording(all_to_all):
 
 def full_layer(cfg: MoEPPConfig, seed: int, has_residual: bool = True) -> MoEPPLayer:
     torch.manual_seed(seed)  # the same weights on every rank
-    layer = MoEPPLayer(cfg, has_residual=has_residual, dtype=torch.float32)
+    layer = MoEPPLayer(cfg, has_residual=has_residual, dtype=torch.float32).to(DEVICE)
     if has_residual:
         with torch.no_grad():
             layer.router.residual_weight.normal_(std=0.3)
@@ -47,8 +48,8 @@ def compare(layers: list[MoEPPLayer], tokens: int, rank: int, x_fill=None) -> No
     outputs, logits and every gradient must agree."""
     eps = [ExpertParallelMoEPPLayer.from_layer(layer) for layer in layers]
     g = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(tokens, CFG.hidden_size, generator=g) if x_fill is None else x_fill(tokens)
-    w = torch.randn(tokens, CFG.hidden_size, generator=g)
+    x = (torch.randn(tokens, CFG.hidden_size, generator=g) if x_fill is None else x_fill(tokens)).to(DEVICE)
+    w = torch.randn(tokens, CFG.hidden_size, generator=g).to(DEVICE)
     results = []
     for stack in (layers, eps):
         xi = x.clone().requires_grad_()
@@ -95,7 +96,8 @@ def case_all_to_zero_computation_experts(rank, world):
     layer = full_layer(CFG, 5, has_residual=False)
     with torch.no_grad():  # positive x and gates that only the zero-computation experts' rows see
         layer.router.gate_weight[:CFG.n_ffn] = -1.0
-        layer.router.gate_weight[CFG.n_ffn:] = torch.linspace(1.0, 2.0, CFG.n_experts - CFG.n_ffn)[:, None]
+        layer.router.gate_weight[CFG.n_ffn:] = torch.linspace(1.0, 2.0, CFG.n_experts - CFG.n_ffn,
+                                                              device=DEVICE)[:, None]
     SENT.clear()
     compare([layer], tokens=9, rank=rank, x_fill=lambda t: torch.rand(t, CFG.hidden_size) + 0.5)
     # forward: the counts (n_ffn int64), then two empty row exchanges; the backward: two empty ones
@@ -105,7 +107,7 @@ def case_all_to_zero_computation_experts(rank, world):
 def case_all_to_one_ranks_experts(rank, world):
     layer = full_layer(CFG, 6, has_residual=False)
     with torch.no_grad():  # every token to experts 0 and 1 (rank 0's)
-        layer.router.gate_weight[:2] = torch.tensor([2.0, 1.5])[:, None]
+        layer.router.gate_weight[:2] = torch.tensor([2.0, 1.5], device=DEVICE)[:, None]
         layer.router.gate_weight[2:] = -1.0
     compare([layer], tokens=8, rank=rank, x_fill=lambda t: torch.rand(t, CFG.hidden_size) + 0.5)
 
@@ -127,13 +129,36 @@ def case_checkpoint_shard_and_gather_round_trip(rank, world):
     assert set(back.to_moepp_state_dict()) == {k[len("model.layers.1.mlp."):] for k in released}
 
 
+def case_capacity_fixed_splits(rank, world):
+    cfg = CFG.with_(capacity_factor=0.8)  # below 1: some slots are dropped
+    layer = full_layer(cfg, 8)
+    SENT.clear()
+    compare([layer], tokens=12, rank=rank)  # the same T on every rank, as capacity mode requires
+    # no count exchange (the rows travel by functional collectives, of sizes fixed by T)
+    assert SENT == [], f"rank {rank} exchanged counts: {SENT}"
+    # and the step traces whole: torch.compile(fullgraph=True), forward and backward
+    ep = ExpertParallelMoEPPLayer.from_layer(layer)
+    x = torch.randn(12, cfg.hidden_size, generator=torch.Generator().manual_seed(rank)).to(DEVICE)
+    eager_out, eager_logits = ep(x)
+    compiled = torch.compile(ep, fullgraph=True, backend="aot_eager")
+    out, logits = compiled(x)
+    close(out, eager_out, "compiled out")
+    close(logits, eager_logits, "compiled logits")
+    out.square().sum().backward()
+    assert ep.up.grad is not None and torch.isfinite(ep.up.grad).all()
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
-def run_rank(rank: int, world: int, port: int, names: list[str], results) -> None:
-    """One rank: join the gloo group (every collective under its timeout), run the cases."""
+def run_rank(rank: int, world: int, port: int, names: list[str], results, backend: str = "gloo") -> None:
+    """One rank: join the group (every collective under its timeout), run the cases."""
+    global DEVICE
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        if backend == "nccl":
+            DEVICE = torch.device("cuda", rank)
+            torch.cuda.set_device(DEVICE)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
         dist.all_to_all_single = _recording(dist.all_to_all_single)
         torch.set_num_threads(1)

@@ -1,7 +1,8 @@
 """Expert parallelism on real torch.distributed process groups: gloo on the CPU, W =
 2 and 4 ranks as processes (tests/distributed_cases.py), each case against the
-single-device layer. Every collective runs under the group's 60 s timeout and the
-whole run under a deadline, so a hang fails instead of stalling CI."""
+single-device layer; NCCL with 2 GPUs when there are. Every collective runs under
+the group's 60 s timeout and the whole run under a deadline, so a hang fails
+instead of stalling CI."""
 
 import multiprocessing as mp
 import queue
@@ -9,6 +10,7 @@ import socket
 
 import distributed_cases
 import pytest
+import torch
 import torch.distributed as dist
 
 from moepp_kernels.distributed import expert_ranges
@@ -24,11 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, names: list[str]) -> None:
+def run_ranks(world: int, names: list[str], backend: str = "gloo") -> None:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=distributed_cases.run_rank, args=(r, world, port, names, results)) for r in range(world)]
+    procs = [ctx.Process(target=distributed_cases.run_rank, args=(r, world, port, names, results, backend))
+             for r in range(world)]
     for p in procs:
         p.start()
     errors = {}
@@ -50,6 +53,12 @@ def run_ranks(world: int, names: list[str]) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_layer_matches_single_device(world):
     run_ranks(world, list(distributed_cases.CASES))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="needs 2 GPUs and NCCL")
+def test_expert_parallel_layer_on_nccl():
+    run_ranks(2, list(distributed_cases.CASES), backend="nccl")
 
 
 def test_expert_ranges():

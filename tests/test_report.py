@@ -28,6 +28,11 @@ def summary(gpu="NVIDIA H200", date="2026-11-28T00:00:00+00:00"):
                 "impls": {"original": {"median_ms": 30.0, "tokens_per_s": 273067.0},
                           "swapped": {"median_ms": 10.0, "tokens_per_s": 819200.0}},
                 "speedup_vs_original": 3.0},
+            "ep gloo W=2 0.6b-layout D=768 T=2048/rank tau=0.50": {
+                "impls": {"moepp_ep": {"median_ms": 10.0}, "vanilla_ep": {"median_ms": 16.0},
+                          "remap_ep": {"median_ms": float("nan")}},
+                "speedup_vs_vanilla_ep": 1.6, "ideal_speedup": 2.0, "fraction_of_ideal": 0.8,
+                "bytes_vs_vanilla_ep": 0.5, "ffn_share": 0.5, "bytes_vs_remap_ep": 0.5},
         },
     }
 
@@ -40,6 +45,8 @@ def test_report_and_plot(tmp_path):
     assert "10.00x the reference" in text and "bound any speedup at 12.50x" in text
     assert "Throttled" in text and "NVIDIA H200" in text
     assert "swapped 819,200 tokens/s, 3.00x the model's own MoE modules (273,067 tokens/s)" in text
+    assert ("wire bytes 0.500x vanilla EP's (FFN share 0.500), 0.500x remap-to-expert-0's; step 1.60x vanilla EP "
+            "(ideal 2.00x, 0.80 of it)") in text
     assert (tmp_path / "speedup_vs_tau.png").stat().st_size > 1000
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 
@@ -48,6 +49,12 @@ def exchange_rows(x: Tensor, send: list[int], recv: list[int], out_rows: int | N
     rows received ([out_rows or sum(recv), ...], recv[r] from rank r in rank order).
     Differentiable: the gradient takes the reverse exchange."""
     return _AllToAll.apply(x, send, recv, sum(recv) if out_rows is None else out_rows, group)
+
+
+def exchange_fixed_rows(x: Tensor, send: list[int], recv: list[int], group=None) -> Tensor:
+    """exchange_rows for splits fixed in advance (expert capacity), through torch's functional
+    collectives, so that torch.compile(fullgraph=True) traces it and autograd reverses it."""
+    return funcol.all_to_all_single_autograd(x, recv, send, group if group is not None else dist.group.WORLD)
 
 
 @dataclass(frozen=True)

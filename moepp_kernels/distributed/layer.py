@@ -20,19 +20,19 @@ from .. import grouped_gemm
 from .._ops.combine import layout_scalars
 from .._ops.expert_ffn import apply_expert_ffn
 from .._tensors import MODEL_DTYPES, check_tensor
+from ..capacity import expert_capacity, slot_positions
 from ..checkpoint import RESIDUAL, _copy, _layout, _tensor
 from ..config import MoEPPConfig
 from ..layer import MoEPPLayer, _gate_and_mix
 from ..permute import PermutationPlan, build_plan
 from ..router import MoEPPRouter, fused_router
-from .exchange import exchange_counts, exchange_rows, expert_major_order, expert_ranges
+from .exchange import exchange_counts, exchange_fixed_rows, exchange_rows, expert_major_order, expert_ranges
 
 
-def _local_plan(offsets: list[int], device: torch.device) -> PermutationPlan:
-    """The plan of rows already gathered, expert-major (one slot per row, top_k 1)."""
-    rows = offsets[-1]
-    ident = torch.arange(rows, dtype=torch.int32, device=device)
-    return PermutationPlan(torch.tensor(offsets, dtype=torch.int32, device=device), ident, ident.reshape(rows, 1))
+def _local_plan(offsets: Tensor, rows: int) -> PermutationPlan:
+    """The plan of `rows` rows already gathered, expert-major (one slot per row, top_k 1)."""
+    ident = torch.arange(rows, dtype=torch.int32, device=offsets.device)
+    return PermutationPlan(offsets, ident, ident.reshape(rows, 1))
 
 
 class ExpertParallelMoEPPLayer(nn.Module):
@@ -48,7 +48,10 @@ class ExpertParallelMoEPPLayer(nn.Module):
     as data parallelism does).
 
     Host syncs: exactly one per forward, copying the per-(rank, expert) row counts to
-    the host (the row exchange needs its sizes); the backward adds none.
+    the host (the row exchange needs its sizes); the backward adds none. With expert
+    capacity (config.capacity_factor) none at all: every split is fixed by T and the
+    layout (each expert gets C_ffn rows from every rank), so every rank must then have
+    the same T, and the step can be captured in a CUDA graph.
     """
 
     def __init__(self, config: MoEPPConfig, group: dist.ProcessGroup | None = None, has_residual: bool = True,
@@ -161,6 +164,11 @@ class ExpertParallelMoEPPLayer(nn.Module):
         route = fused_router(logits, cfg, prev_logits=prev_logits,
                              residual_weight=r.residual_weight if prev_logits is not None else None,
                              selection_bias=r.selection_bias)
+        if cfg.capacity_factor is not None:
+            y, slot_row = self._experts_at_capacity(x2, route.topk_ids, backend)
+            out = torch.ops.moepp.combine(x2, y, route.topk_ids, route.topk_weights, slot_row, mix,
+                                          self.const_value, *layout_scalars(cfg))
+            return out.reshape(x.shape), route.logits
         plan = build_plan(route.topk_ids, cfg.n_ffn)
         counts = exchange_counts(plan.offsets, self.ranges, self.group)  # the one host sync
         sent = sum(counts.send)
@@ -172,11 +180,50 @@ class ExpertParallelMoEPPLayer(nn.Module):
         order, local_offsets = expert_major_order(counts.recv_per_expert)
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel())
+        offsets = torch.tensor(local_offsets, dtype=torch.int32, device=x.device)
         y_local = apply_expert_ffn(rows_in.index_select(0, order.to(x.device)), self.up, self.down,
-                                   _local_plan(local_offsets, x.device), 1, 1.0, backend)
+                                   _local_plan(offsets, local_offsets[-1]), 1, 1.0, backend)
         # Results go back in the order they came, and land in this rank's plan rows ([T * k, D] as the combine reads).
         y = exchange_rows(y_local.index_select(0, back.to(x.device)), counts.recv, counts.send, out_rows=tokens * k,
                           group=self.group)
         out = torch.ops.moepp.combine(x2, y, route.topk_ids, route.topk_weights, plan.slot_row, mix,
                                       self.const_value, *layout_scalars(cfg))
         return out.reshape(x.shape), route.logits
+
+    def _experts_at_capacity(self, x2: Tensor, topk_ids: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+        """The FFN slots' outputs with expert capacity: every expert gets exactly C_ffn rows
+        from every rank (its kept slots, then zero rows), so every split is fixed by T and
+        the layout alone: no count exchange, no host sync (every rank must have the same T).
+        Returns y [T * k, D] in slot order and slot_row [T, k] for the combine."""
+        cfg, k, d = self.config, self.config.top_k, self.config.hidden_size
+        tokens, slots = x2.shape[0], topk_ids.numel()
+        cap, _ = expert_capacity(cfg, tokens)
+        dev = x2.device
+        flat = topk_ids.reshape(-1).long()
+        is_ffn = flat < cfg.n_ffn
+        counts = torch.zeros(cfg.n_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+        # after the drop, every kept slot's place is < C; row e * C + place of the send buffer, the rest a spare row
+        dest = torch.where(is_ffn, flat * cap + slot_positions(topk_ids, counts).reshape(-1),
+                           torch.full_like(flat, cfg.n_ffn * cap))
+        slot_of_row = torch.full((cfg.n_ffn * cap + 1,), slots, dtype=torch.long, device=dev).scatter_(
+            0, dest, torch.arange(slots, device=dev))[:-1]
+        x_ext = torch.cat([x2, x2.new_zeros(1, d)])  # row T: the zero row of unused places
+        token_of_row = torch.where(slot_of_row < slots, slot_of_row // k, torch.full_like(slot_of_row, tokens))
+        rows_out = x_ext.index_select(0, token_of_row)
+        if cfg.input_scale != 1.0:
+            rows_out = rows_out * cfg.input_scale
+        n_local = self.expert_range[1] - self.expert_range[0]
+        send = [(hi - lo) * cap for lo, hi in self.ranges]
+        recv = [n_local * cap] * self.world
+        rows_in = exchange_fixed_rows(rows_out, send, recv, group=self.group)
+        # rank-major [W, n_local, C] -> expert-major [n_local, W, C]: a reshape, no index
+        grouped = rows_in.reshape(self.world, n_local, cap, d).transpose(0, 1).reshape(-1, d)
+        per_expert = self.world * cap
+        offsets = torch.arange(n_local + 1, dtype=torch.int32, device=dev) * per_expert
+        y_local = apply_expert_ffn(grouped, self.up, self.down, _local_plan(offsets, n_local * per_expert), 1, 1.0,
+                                   backend)
+        y_back = y_local.reshape(n_local, self.world, cap, d).transpose(0, 1).reshape(-1, d)
+        y_rows = exchange_fixed_rows(y_back, recv, send, group=self.group)  # [n_ffn * C, D], expert-major
+        y = torch.cat([y_rows, y_rows.new_zeros(1, d)]).index_select(0, dest)
+        slot_row = torch.where(is_ffn, torch.arange(slots, device=dev), torch.full_like(flat, -1))
+        return y, slot_row.to(torch.int32).reshape(topk_ids.shape)
