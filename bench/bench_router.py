@@ -1,6 +1,7 @@
-"""Router benchmark: the fused router vs the reference sequence of PyTorch ops,
-side by side, at T in {1, 128, 4096, 65536, 262144}, for the MoE++-7B layout
-(N = 20, k = 2) and a LongCat-like one (N = 768, k = 12; up to T = 16384 on the CPU)."""
+"""Router benchmark: the fused router vs the plain PyTorch op sequence users
+would otherwise run (torch_ops) and vs the NaN-safe reference, side by side, at
+T in {1, 128, 4096, 65536, 262144}, for the MoE++-7B layout (N = 20, k = 2) and
+a LongCat-like one (N = 768, k = 12; up to T = 16384 on the CPU)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ QUICK_TOKENS = [1, 128, 4096]
 CPU_MAX_TOKENS = {"N20_k2": 262144, "N768_k12": 16384}
 
 
+def torch_ops(logits, cfg: MoEPPConfig, prev, weight, bias):
+    """What a user writes without us (the released layer's op sequence): l + r·Gᵀ, optional
+    normalisation, softmax, top-k (of score + bias), zero-expert mask, renormalisation, scaling.
+    Not NaN-safe, unlike the reference."""
+    routed = logits if prev is None else torch.addmm(logits, prev, weight.t())
+    z = routed / (routed.std(-1, keepdim=True) / cfg.logits_std) if cfg.normalize_logits else routed
+    if cfg.gating == "softmax_topk":
+        probs = torch.softmax(z, -1)
+        ids = torch.topk(probs if bias is None else probs + bias, cfg.top_k, dim=-1).indices
+        gates = probs.gather(-1, ids).masked_fill(ids >= cfg.zero_begin, 0.0)
+        if cfg.renormalize:
+            gates = gates / gates.sum(-1, keepdim=True)
+    else:
+        top, ids = torch.topk(z, cfg.top_k, dim=-1)
+        gates = torch.softmax(top, -1)
+    return ids, gates * cfg.routed_scaling_factor, routed
+
+
 def router_bytes(tokens: int, cfg: MoEPPConfig, residual: bool) -> int:
     n, k = cfg.n_experts, cfg.top_k
     moved = 4 * tokens * n + 8 * tokens * k  # read l, write ids and weights
@@ -33,7 +52,7 @@ def router_bytes(tokens: int, cfg: MoEPPConfig, residual: bool) -> int:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("residual", [False, True], ids=["first", "residual"])
-@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("impl", ["fused", "torch_ops", "reference"])
 def bench_router(measure, quick, device, layout, tokens, residual, impl):
     if quick and tokens not in QUICK_TOKENS:
         pytest.skip("--quick")
@@ -49,6 +68,9 @@ def bench_router(measure, quick, device, layout, tokens, residual, impl):
     if impl == "fused":
         def fn():
             return fused_router(logits, cfg, prev_logits=prev, residual_weight=weight, selection_bias=bias)
+    elif impl == "torch_ops":
+        def fn():
+            return torch_ops(logits, cfg, prev, weight, bias)
     else:
         def fn():
             return R.route(logits, cfg, prev, weight, bias)

@@ -148,6 +148,21 @@ def case_capacity_fixed_splits(rank, world):
     assert ep.up.grad is not None and torch.isfinite(ep.up.grad).all()
 
 
+def case_fewer_experts_than_ranks(rank, world):
+    # 3 FFN experts: at W = 4 the last rank holds none (it still routes, sends and combines)
+    compare([full_layer(CFG.with_(n_ffn=3), 9)], tokens=5 + rank, rank=rank)
+
+
+def case_capacity_needs_equal_tokens(rank, world):
+    ep = ExpertParallelMoEPPLayer.from_layer(full_layer(CFG.with_(capacity_factor=1.1), 10))
+    try:
+        ep(torch.randn(4 + rank, CFG.hidden_size).to(DEVICE))
+    except ValueError as e:  # raised on every rank alike, before any row moves
+        assert "same number of tokens on every rank" in str(e), str(e)
+    else:
+        raise AssertionError("different T per rank in capacity mode was not refused")
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

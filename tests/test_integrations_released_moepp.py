@@ -128,13 +128,15 @@ def test_restore_gives_the_released_modules_back():
     torch.testing.assert_close(model(ids), original(ids), rtol=0, atol=0)
 
 
-def test_restore_follows_a_later_cast():
+def test_restore_follows_a_later_cast_mode_and_freeze():
     model = tiny_model()
     replace_moepp_layers(model)
-    model.to(torch.bfloat16)
+    model.to(torch.bfloat16).eval().requires_grad_(False)
     restore_moepp_layers(model)
-    experts = model.layers[0].mlp.moe.experts.experts
+    block = model.layers[0].mlp
+    experts = block.moe.experts.experts
     assert experts[0].up_proj.weight.dtype == torch.bfloat16 and experts[4].constant.dtype == torch.bfloat16
+    assert not block.training and not any(p.requires_grad for p in block.parameters())
 
 
 def test_explicit_config_is_used_as_given():
@@ -182,8 +184,8 @@ def test_modules_that_do_not_fit_get_clear_errors():
     block.moe.experts.experts[7] = released.CopyExpert()
     with pytest.raises(ValueError, match="masks exactly one zero expert"):
         config_from_released_module(block)
-    model = nn.Sequential(nn.Linear(4, 4))
-    assert replace_moepp_layers(model) == []
+    with pytest.raises(ValueError, match="holds no released MoE\\+\\+ layer module"):
+        replace_moepp_layers(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(TypeError, match="config must be a MoEPPConfig"):
         replace_moepp_layers(tiny_model(), config={"top_k": 2})
 

@@ -24,7 +24,7 @@ from ..capacity import expert_capacity, slot_positions
 from ..checkpoint import RESIDUAL, _copy, _layout, _tensor
 from ..config import MoEPPConfig
 from ..layer import MoEPPLayer, _gate_and_mix
-from ..permute import PermutationPlan, build_plan
+from ..permute import CHECK_INDICES, PermutationPlan, build_plan
 from ..router import MoEPPRouter, fused_router
 from .exchange import exchange_counts, exchange_fixed_rows, exchange_rows, expert_major_order, expert_ranges
 
@@ -47,11 +47,14 @@ class ExpertParallelMoEPPLayer(nn.Module):
     tokens' part (their sum over ranks is the single-device gradient: all-reduce them
     as data parallelism does).
 
-    Host syncs: exactly one per forward, copying the per-(rank, expert) row counts to
-    the host (the row exchange needs its sizes); the backward adds none. With expert
-    capacity (config.capacity_factor) none at all: every split is fixed by T and the
-    layout (each expert gets C_ffn rows from every rank), so every rank must then have
-    the same T, and the step can be captured in a CUDA graph.
+    Host syncs: the exchange makes one per forward, copying the per-(rank, expert) row
+    counts to the host (the row exchange needs its sizes); its backward adds none. With
+    expert capacity (config.capacity_factor) it makes none: every split is fixed by T and
+    the layout (each expert gets C_ffn rows from every rank), so every rank must have the
+    same T (checked on the CPU, and on CUDA with MOEPP_CHECK_INDICES=1). The local FFN
+    adds what its grouped-GEMM backend needs: `torch` reads the group offsets on the host,
+    `triton` on the device; with `triton` and capacity the step has no host sync at all
+    and can be captured in a CUDA graph.
     """
 
     def __init__(self, config: MoEPPConfig, group: dist.ProcessGroup | None = None, has_residual: bool = True,
@@ -113,6 +116,9 @@ class ExpertParallelMoEPPLayer(nn.Module):
                              + (" ..." if len(missing) > 5 else ""))
         # The model dtype from an expert tensor (the gate may be stored in fp32).
         model_tensors = [own[key] for key, name, _ in needed if not name.startswith("router.")]
+        if not model_tensors and dtype is None:
+            raise ValueError("state_dict: this rank holds no FFN or constant expert to read the model dtype from; "
+                             "pass dtype=")
         ref = model_tensors[0] if model_tensors else own[needed[0][0]]
         ep = cls(config, group, has_residual=RESIDUAL in own, dtype=dtype or ref.dtype, device=ref.device,
                  gemm_backend=gemm_backend)
@@ -197,6 +203,8 @@ class ExpertParallelMoEPPLayer(nn.Module):
         Returns y [T * k, D] in slot order and slot_row [T, k] for the combine."""
         cfg, k, d = self.config, self.config.top_k, self.config.hidden_size
         tokens, slots = x2.shape[0], topk_ids.numel()
+        if not torch.compiler.is_compiling() and (x2.device.type == "cpu" or CHECK_INDICES):
+            self._check_equal_tokens(tokens, x2.device)
         cap, _ = expert_capacity(cfg, tokens)
         dev = x2.device
         flat = topk_ids.reshape(-1).long()
@@ -227,3 +235,13 @@ class ExpertParallelMoEPPLayer(nn.Module):
         y = torch.cat([y_rows, y_rows.new_zeros(1, d)]).index_select(0, dest)
         slot_row = torch.where(is_ffn, torch.arange(slots, device=dev), torch.full_like(flat, -1))
         return y, slot_row.to(torch.int32).reshape(topk_ids.shape)
+
+    def _check_equal_tokens(self, tokens: int, device: torch.device) -> None:
+        """ValueError on every rank unless all ranks have `tokens` tokens (capacity mode's splits
+        are computed from T, so different T would mismatch them: a hang or garbage on NCCL)."""
+        both = torch.tensor([tokens, -tokens], dtype=torch.int64, device=device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        most, fewest = int(both[0]), -int(both[1])
+        if most != fewest:
+            raise ValueError(f"x: expert capacity needs the same number of tokens on every rank; this rank has "
+                             f"{tokens}, the group between {fewest} and {most}")

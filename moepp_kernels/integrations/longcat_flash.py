@@ -78,6 +78,11 @@ def config_from_longcat_flash_moe(module: nn.Module, name: str = "module") -> Mo
     if _stacked_layout(experts):
         n_routed = experts.down_proj.shape[0] if experts.down_proj is not None else 0
         ffn_size = experts.down_proj.shape[2] if n_routed else 1
+        up_shape, down_shape = tuple(experts.gate_up_proj.shape), tuple(experts.down_proj.shape)
+        if up_shape != (n, 2 * ffn_size, d) or down_shape != (n_routed, d, ffn_size):
+            raise ValueError(f"{name}.experts: expected gate_up_proj [{n}, {2 * ffn_size}, {d}] and down_proj "
+                             f"[{n_routed}, {d}, {ffn_size}], got {list(up_shape)} and {list(down_shape)} "
+                             f"({SUPPORTED})")
     else:
         n_routed = sum(not isinstance(m, nn.Identity) for m in experts)
         if len(experts) != n:
@@ -128,8 +133,7 @@ class LongcatFlashMoEPP(nn.Module):
         """transformers' LongcatFlashMoE again, with this layer's current weights."""
         if self._hf_skeleton is None:
             raise ValueError("this layer was not made by replace_longcat_flash_moe: there is no module to rebuild")
-        return rebuild(self._hf_skeleton, self.hf_state_dict(), self.moepp.up.device, self._hf_dtype,
-                       self.moepp.up.dtype)
+        return rebuild(self._hf_skeleton, self.hf_state_dict(), self, self._hf_dtype, self.moepp.up.dtype)
 
 
 def layer_from_longcat_flash_moe(module: nn.Module, name: str = "module", gemm_backend: str = "auto") -> MoEPPLayer:

@@ -164,12 +164,13 @@ class ReleasedMoEPPLayer(nn.Module):
 
     def to_released_module(self) -> nn.Module:
         """The released module again, holding this layer's current weights (device and
-        expert dtype as they are now; the gate stays float32, as the released one is)."""
+        expert dtype as they are now; a gate that was float32 beside low-precision
+        experts when swapped stays float32)."""
         if self._released_skeleton is None:
             raise ValueError("this layer was not made by replace_moepp_layers: there is no released module to rebuild")
         layer = self.moepp
-        return rebuild(self._released_skeleton, moepp_state_dict_from_layer(layer), layer.up.device,
-                       self._released_dtype, layer.up.dtype)
+        return rebuild(self._released_skeleton, moepp_state_dict_from_layer(layer), self, self._released_dtype,
+                       layer.up.dtype)
 
 
 def replace_moepp_layers(model: nn.Module, config: Optional[MoEPPConfig] = None, gemm_backend: str = "auto",
@@ -178,7 +179,8 @@ def replace_moepp_layers(model: nn.Module, config: Optional[MoEPPConfig] = None,
     layer's `mlp`) for a ReleasedMoEPPLayer holding its weights (stacked; the old module is
     dropped, its structure kept on the meta device for restore_moepp_layers). The config is
     read from each module unless `config` is given; `top_k` overrides MOE_TOP_K. Expert
-    weights keep their dtype and device; the gate is float32. Returns the swapped names."""
+    weights keep their dtype and device; the gate is float32. Returns the swapped names;
+    ValueError when the model holds no such module."""
     if config is not None and not isinstance(config, MoEPPConfig):
         raise TypeError(f"config must be a MoEPPConfig or None, got {type(config).__name__}")
 
@@ -189,7 +191,11 @@ def replace_moepp_layers(model: nn.Module, config: Optional[MoEPPConfig] = None,
         layer = layer_from_moepp_state_dict(module.state_dict(), cfg, gemm_backend=gemm_backend)
         return ReleasedMoEPPLayer(layer, meta_skeleton(module))
 
-    return swap_modules(model, is_released_moepp_module, build)
+    names = swap_modules(model, is_released_moepp_module, build)
+    if not names:
+        raise ValueError(f"{type(model).__name__} holds no released MoE++ layer module (one with moe.gate.wg and "
+                         "moe.experts.experts) to swap")
+    return names
 
 
 def restore_moepp_layers(model: nn.Module) -> list[str]:
