@@ -55,7 +55,7 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     cfg = layer.config
     with torch.no_grad():
         route = fused_router(layer.router.gate_logits(x), cfg, prev_logits=prev,
-                             residual_weight=layer.router.residual_weight)
+                             residual_weight=layer.router.residual_weight if prev is not None else None)
         bounds = build_plan(route.topk_ids, cfg.n_ffn).offsets.tolist()
     up, down = layer.up.detach(), layer.down.detach()
     rows, d, i = bounds[-1], cfg.hidden_size, cfg.ffn_size

@@ -87,12 +87,17 @@ def render(summary: dict) -> str:
         f"- {n}: swapped {c['impls']['swapped']['tokens_per_s']:,.0f} tokens/s, "
         f"{c['speedup_vs_original']:.2f}x the model's own MoE modules "
         f"({c['impls']['original']['tokens_per_s']:,.0f} tokens/s)"))
+    peers = simple_rows(cases, "peers ", lambda n, c: (
+        f"- {n}: fused {c['impls']['fused']['median_ms']:.1f} ms, {c['speedup_vs_peer']:.2f}x {c['peer']}"
+        + (f", {c['fraction_of_gemm_floor']:.2f} of the experts' GEMMs alone" if "fraction_of_gemm_floor" in c
+           else "")))
     ep = simple_rows(cases, "ep ", lambda n, c: (
         f"- {n}: wire bytes {c['bytes_vs_vanilla_ep']:.3f}x vanilla EP's (FFN share {c['ffn_share']:.3f})"
         + (f", {c['bytes_vs_remap_ep']:.3f}x remap-to-expert-0's" if "bytes_vs_remap_ep" in c else "")
         + f"; step {c['speedup_vs_vanilla_ep']:.2f}x vanilla EP (ideal {c['ideal_speedup']:.2f}x, "
         f"{c['fraction_of_ideal']:.2f} of it)"))
     for title, rows in (("Layer", layer), ("Grouped GEMM", gemm), ("Decode", decode), ("Router", router),
+                        ("The layer against the peers users run without us", peers),
                         ("Whole models (prefill), their own MoE modules vs swapped", models),
                         ("Expert parallelism", ep)):
         if rows:

@@ -28,6 +28,10 @@ def summary(gpu="NVIDIA H200", date="2026-11-28T00:00:00+00:00"):
                 "impls": {"original": {"median_ms": 30.0, "tokens_per_s": 273067.0},
                           "swapped": {"median_ms": 10.0, "tokens_per_s": 819200.0}},
                 "speedup_vs_original": 3.0},
+            "peers cpu moepp-0.6b T=4096 float32 forward": {
+                "impls": {"fused": {"median_ms": 200.0}, "released_loop": {"median_ms": 240.0},
+                          "gemm_floor": {"median_ms": 190.0}},
+                "speedup_vs_peer": 1.2, "peer": "released_loop", "fraction_of_gemm_floor": 0.95},
             "ep gloo W=2 0.6b-layout D=768 T=2048/rank tau=0.50": {
                 "impls": {"moepp_ep": {"median_ms": 10.0}, "vanilla_ep": {"median_ms": 16.0},
                           "remap_ep": {"median_ms": float("nan")}},
@@ -45,6 +49,7 @@ def test_report_and_plot(tmp_path):
     assert "10.00x the reference" in text and "bound any speedup at 12.50x" in text
     assert "Throttled" in text and "NVIDIA H200" in text
     assert "swapped 819,200 tokens/s, 3.00x the model's own MoE modules (273,067 tokens/s)" in text
+    assert "fused 200.0 ms, 1.20x released_loop, 0.95 of the experts' GEMMs alone" in text
     assert ("wire bytes 0.500x vanilla EP's (FFN share 0.500), 0.500x remap-to-expert-0's; step 1.60x vanilla EP "
             "(ideal 2.00x, 0.80 of it)") in text
     assert (tmp_path / "speedup_vs_tau.png").stat().st_size > 1000

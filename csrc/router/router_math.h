@@ -233,14 +233,14 @@ MOEPP_HD void slot_gates(const RouterOptions& opt, const SoftmaxStats<T>& st, co
   for_each_slot(k, [&](int s) { gates[s] = total > T(0) ? gates[s] / total : T(0); });
 }
 
-// Forward for one token. On entry `val` holds l (or, with a residual, the
-// group has staged r in `sel` and `prev_g` points at G with row stride ldg).
-// Writes l' = l + r·Gᵀ into `val` (and `logits_out` when given), adds p into
-// `prob_acc` when given, and returns the chosen ids and final weights (arrays
-// of kMaxTopK, indexed by slot only: registers in the kernel).
+// Forward for one token, first part. On entry `val` holds l (or, with a
+// residual, the group has staged r in `sel` and `prev_g` points at G with row
+// stride ldg). Writes l' = l + r·Gᵀ into `val` (and `logits_out` when given),
+// adds p into `prob_acc` when given, leaves the selection scores in `sel`
+// (NaN never: NaN scores become -inf) and returns the softmax statistics.
 template <class Group, typename T>
-MOEPP_HD void route_token(const Group& g, const RouterOptions& opt, const T* logits, const T* G, int64_t ldg,
-                          const T* bias, T* logits_out, T* val, T* sel, T* prob_acc, int32_t* ids, T* weights) {
+MOEPP_HD SoftmaxStats<T> route_scores(const Group& g, const RouterOptions& opt, const T* logits, const T* G,
+                                      int64_t ldg, const T* bias, T* logits_out, T* val, T* sel, T* prob_acc) {
   const int n = opt.num_experts;
   for (int j = g.rank(); j < n; j += Group::kSize) {
     T v = logits[j];
@@ -261,6 +261,14 @@ MOEPP_HD void route_token(const Group& g, const RouterOptions& opt, const T* log
     if (bias != nullptr) score += bias[j];
     sel[j] = routing_value(score);
   }
+  return st;
+}
+
+// The k best scores of `sel`, ties to the lowest id, best first (k passes of
+// the group; taken entries are marked NaN in `sel`).
+template <class Group, typename T>
+MOEPP_HD void select_top_k(const Group& g, const RouterOptions& opt, T* sel, int32_t* ids) {
+  const int n = opt.num_experts;
   for_each_slot(opt.top_k, [&](int s) {
     Candidate<T> c{std::numeric_limits<T>::quiet_NaN(), INT32_MAX};
     for (int j = g.rank(); j < n; j += Group::kSize) {
@@ -271,8 +279,25 @@ MOEPP_HD void route_token(const Group& g, const RouterOptions& opt, const T* log
     ids[s] = c.id;
     if (c.id % Group::kSize == g.rank()) sel[c.id] = std::numeric_limits<T>::quiet_NaN();
   });
+}
+
+// Forward for one token, last part: the final weights of the chosen ids.
+template <typename T>
+MOEPP_HD void route_weights(const RouterOptions& opt, const SoftmaxStats<T>& st, const T* val, const int32_t* ids,
+                            T* weights) {
   slot_gates(opt, st, val, ids, weights);
   for_each_slot(opt.top_k, [&](int s) { weights[s] *= slot_scale<T>(opt, ids[s]); });
+}
+
+// Forward for one token: route_scores, select_top_k, route_weights. Returns the
+// chosen ids and final weights (arrays of kMaxTopK, indexed by slot only:
+// registers in the kernel).
+template <class Group, typename T>
+MOEPP_HD void route_token(const Group& g, const RouterOptions& opt, const T* logits, const T* G, int64_t ldg,
+                          const T* bias, T* logits_out, T* val, T* sel, T* prob_acc, int32_t* ids, T* weights) {
+  const SoftmaxStats<T> st = route_scores(g, opt, logits, G, ldg, bias, logits_out, val, sel, prob_acc);
+  select_top_k(g, opt, sel, ids);
+  route_weights(opt, st, val, ids, weights);
 }
 
 // Backward for one token. `val` must hold l' (the routed logits, staged by the
