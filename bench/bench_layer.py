@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_GPU
+from conftest import DTYPES, HAS_GPU, step
 
 from moepp_kernels import MoEPPConfig, MoEPPLayer, build_plan, fused_router, grouped_gemm
 from moepp_kernels import reference as R
@@ -16,8 +16,6 @@ from moepp_kernels._ops.combine import layout_scalars
 
 # (preset, tokens, devices it runs on): 0.6B at T = 4096 everywhere, 7B at T = 16384 on a GPU.
 CASES = [("0.6b", 4096, ("cpu", "cuda")), ("7b", 16384, ("cuda",))]
-# Layer dtypes per device: bf16 on the GPU; on the CPU fp32 and bf16 (the layer's default).
-DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}
 QUICK_TOKENS = 256
 PRESETS = {"0.6b": MoEPPConfig.moepp_0_6b, "7b": MoEPPConfig.moepp_7b}
 
@@ -98,16 +96,8 @@ def bench_layer(measure, quick, preset, tokens, device, dtype, mode, impl):
     params = layer.reference_params()
     layer.gemm_backend = backend
     run = (lambda: layer(x, prev)) if impl.startswith("fused") else (lambda: R.moepp_layer(x, params, cfg, prev))
-    if mode == "forward":
-        def fn():
-            with torch.no_grad():
-                return run()
-    else:
-        x.requires_grad_()
-
-        def fn():
-            out, logits = run()
-            (out.float().square().sum() + logits.sum()).backward()
+    x.requires_grad_(mode != "forward")
+    fn = step(run, mode, lambda result: result[0].float().square().sum() + result[1].sum())
     measure(f"layer {device} {preset} T={tokens} {str(dtype)[6:]} {mode}", impl, device, fn)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_GPU
+from conftest import device_dtypes, step
 
 from moepp_kernels import replace_moepp_layers
 from moepp_kernels.integrations import replace_longcat_flash_moe
@@ -26,7 +26,6 @@ SIZES = {
     "cpu": {"tokens": (2, 512), "d": 512, "i": 256, "layers": 2, "n_routed": 16, "n_identity": 8, "top_k": 4},
     "cuda": {"tokens": (4, 2048), "d": 1024, "i": 512, "layers": 4, "n_routed": 64, "n_identity": 32, "top_k": 6},
 }
-DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}
 VOCAB = 1024
 
 
@@ -56,16 +55,7 @@ def released_moepp_model(size: dict):
 MODELS = {"longcat-flash": longcat_flash, "moepp-released": released_moepp_model}
 
 
-def cases() -> list:
-    out = []
-    for device in ("cpu", "cuda"):
-        marks = [pytest.mark.skipif(not HAS_GPU, reason="no GPU")] if device == "cuda" else []
-        for dtype in DTYPES[device]:
-            out.append(pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}", marks=marks))
-    return out
-
-
-@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("device, dtype", device_dtypes())
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("impl", ["original", "swapped"])
@@ -84,17 +74,7 @@ def bench_model(measure, quick, device, dtype, model_name, mode, impl):
         out = model(ids)
         return out if isinstance(out, torch.Tensor) else out.logits
 
-    if mode == "forward":
-        model.eval()
-
-        def fn():
-            with torch.no_grad():
-                return logits()
-    else:
-        model.train()
-
-        def fn():
-            model.zero_grad(set_to_none=True)
-            logits().float().logsumexp(-1).mean().backward()
+    model.train(mode != "forward")
+    fn = step(logits, mode, lambda out: out.float().logsumexp(-1).mean(), model)
     measure(f"model {device} {model_name} T={batch * seq} {str(dtype)[6:]} {mode}", impl, device, fn,
             extra={"tokens": batch * seq})

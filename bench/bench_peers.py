@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from bench_layer import expert_gemms
-from conftest import devices
+from conftest import device_dtypes, step
 
 from moepp_kernels.integrations import replace_longcat_flash_moe
 from moepp_kernels.integrations.released_moepp import replace_moepp_layers
@@ -21,7 +21,6 @@ from moepp_kernels.integrations.released_moepp import replace_moepp_layers
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 import released_moepp  # noqa: E402
 
-DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}
 QUICK_TOKENS = 128
 
 
@@ -62,17 +61,7 @@ def longcat_block(device, dtype, quick: bool):
 PEERS = {"moepp-0.6b": (released_block, 4096, "released_loop"), "longcat": (longcat_block, 2048, "hf_longcat")}
 
 
-def cases() -> list:
-    out = []
-    for device in devices():
-        dev = device.values[0] if hasattr(device, "values") else device
-        marks = device.marks if hasattr(device, "marks") else ()
-        for dtype in DTYPES[dev]:
-            out.append(pytest.param(dev, dtype, id=f"{dev}-{str(dtype)[6:]}", marks=marks))
-    return out
-
-
-@pytest.mark.parametrize("device, dtype", cases())
+@pytest.mark.parametrize("device, dtype", device_dtypes())
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("impl", ["fused", "peer", "gemm_floor"])
@@ -92,14 +81,6 @@ def bench_peers(measure, quick, device, dtype, peer, mode, impl):
         out = module(x)
         return out[0] if isinstance(out, tuple) else out
 
-    if mode == "forward":
-        def fn():
-            with torch.no_grad():
-                return run()
-    else:
-        x.requires_grad_()
-
-        def fn():
-            module.zero_grad(set_to_none=True)
-            run().float().square().mean().backward()
+    x.requires_grad_(mode != "forward")
+    fn = step(run, mode, lambda out: out.float().square().mean(), module)
     measure(case, "fused" if impl == "fused" else peer_name, device, fn)

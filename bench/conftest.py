@@ -36,6 +36,33 @@ def devices() -> list:
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no GPU"))]
 
 
+# Model dtypes benchmarked per device: bf16 on the GPU; on the CPU fp32 and bf16 (the layer's default).
+DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)}
+
+
+def device_dtypes() -> list:
+    """(device, dtype) parameters over DTYPES, the GPU ones skipped without a GPU."""
+    return [pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}",
+                         marks=[pytest.mark.skipif(not HAS_GPU, reason="no GPU")] if device == "cuda" else [])
+            for device, dtypes in DTYPES.items() for dtype in dtypes]
+
+
+def step(run, mode: str, loss, module: torch.nn.Module | None = None):
+    """What measure times: run() under no_grad for mode "forward"; else loss(run()).backward(),
+    after setting `module`'s grads to None when given (a training step's start)."""
+    if mode == "forward":
+        def fn():
+            with torch.no_grad():
+                return run()
+        return fn
+
+    def fn():
+        if module is not None:
+            module.zero_grad(set_to_none=True)
+        loss(run()).backward()
+    return fn
+
+
 def copy_bandwidth(device: str) -> float:
     if device not in _COPY_BW:
         _COPY_BW[device] = copy_bandwidth_gbs(device)

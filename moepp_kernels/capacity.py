@@ -33,24 +33,21 @@ def expert_capacity(config: MoEPPConfig, tokens: int) -> tuple[int, int]:
     return math.ceil(config.balance_tau * per), math.ceil(per)
 
 
-def slot_positions(topk_ids: Tensor, counts: Tensor) -> Tensor:
-    """Each slot's place among its expert's slots in (token, slot) order, [T, k] int64;
-    counts [N] are the slots per expert (the router's)."""
-    flat = topk_ids.reshape(-1).long()
-    order = torch.sort(flat, stable=True).indices
-    starts = counts.long().cumsum(0) - counts.long()
-    place_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-    return torch.empty_like(flat).scatter_(0, order, place_sorted).reshape(topk_ids.shape)
+def slot_positions(topk_ids: Tensor, n_experts: int) -> Tensor:
+    """Each slot's place among its expert's slots in (token, slot) order, [T, k] int64: its
+    row in the permutation plan over all n_experts experts (rows stably sorted by expert)
+    less its expert's first row."""
+    offsets, _, slot_row = torch.ops.moepp.build_plan(topk_ids, n_experts)
+    return slot_row.long() - offsets.long()[topk_ids.long()]
 
 
-def apply_capacity(topk_ids: Tensor, topk_weights: Tensor, counts: Tensor, config: MoEPPConfig
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+def apply_capacity(topk_ids: Tensor, topk_weights: Tensor, config: MoEPPConfig) -> tuple[Tensor, Tensor, Tensor]:
     """(ids, weights, dropped_share): over-capacity slots become zero-expert slots of
     weight 0; dropped_share is the fraction of slots dropped (fp32 scalar tensor)."""
     c_ffn, c_zc = expert_capacity(config, topk_ids.shape[0])
     ids = topk_ids.long()
     limit = torch.where(ids < config.n_ffn, torch.full_like(ids, c_ffn), torch.full_like(ids, c_zc))
-    dropped = slot_positions(topk_ids, counts) >= limit
+    dropped = slot_positions(topk_ids, config.n_experts) >= limit
     new_ids = torch.where(dropped, torch.full_like(topk_ids, config.zero_begin), topk_ids)
     new_weights = torch.where(dropped, torch.zeros_like(topk_weights), topk_weights)
     share = dropped.float().sum() / max(dropped.numel(), 1)

@@ -46,6 +46,43 @@ def _tensor(layer: nn.Module, name: str, index: Optional[int]) -> Tensor:
     return t if index is None else t[index]
 
 
+def moepp_entries(state_dict: dict[str, Tensor], config: MoEPPConfig, prefix: str = "",
+                  experts: Optional[tuple[int, int]] = None) -> tuple[dict[str, Tensor], list]:
+    """(own, entries): the state dict's tensors under `prefix` (prefix stripped) and the
+    (key, parameter, index) to copy from them: every tensor of the layout, but of the FFN
+    experts only those in `experts` = [lo, hi) (default all; indices renumbered from lo,
+    the others' keys may be absent). ValueError naming missing or unknown keys."""
+    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    layout = _layout(config)
+    lo, hi = (0, config.n_ffn) if experts is None else experts
+    entries = [(key, name, index - lo if name in ("up", "down") else index) for key, name, index in layout
+               if name not in ("up", "down") or lo <= index < hi]
+    missing = [prefix + key for key, _, _ in entries if key not in own]
+    if missing:
+        raise ValueError(f"state_dict: missing keys for this config: {missing[:5]}"
+                         + (" ..." if len(missing) > 5 else ""))
+    known = {key for key, _, _ in layout} | {RESIDUAL}
+    unexpected = [prefix + k for k in own if k not in known]
+    if unexpected:
+        raise ValueError(f"state_dict: unexpected keys for this config: {unexpected[:5]}")
+    return own, entries
+
+
+def model_tensor(own: dict[str, Tensor], entries: list) -> Optional[Tensor]:
+    """The first expert tensor of `entries` (its dtype is the model's; the gate may be fp32), if any."""
+    return next((own[key] for key, name, _ in entries if not name.startswith("router.")), None)
+
+
+def load_entries(target: nn.Module, own: dict[str, Tensor], entries: list, prefix: str = "") -> None:
+    """Copy `entries` (from moepp_entries) into `target`, a MoEPPLayer or a module with its
+    parameter names, and G when the state dict has it."""
+    with torch.no_grad():
+        for key, name, index in entries:
+            _copy(_tensor(target, name, index), own[key], prefix + key)
+        if RESIDUAL in own:
+            _copy(target.router.residual_weight, own[RESIDUAL], prefix + RESIDUAL)
+
+
 def layer_from_moepp_state_dict(state_dict: dict[str, Tensor], config: MoEPPConfig, prefix: str = "",
                                 gemm_backend: str = "auto"):
     """A MoEPPLayer with the weights of `state_dict` (keys after `prefix`). Expert
@@ -53,24 +90,12 @@ def layer_from_moepp_state_dict(state_dict: dict[str, Tensor], config: MoEPPConf
     The layer has a residual weight exactly when `moe.gate.gate_map.weight` is there."""
     from .layer import MoEPPLayer
 
-    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    layout = _layout(config)
-    expected = [key for key, _, _ in layout]
-    missing = [k for k in expected if k not in own]
-    if missing:
-        raise ValueError(f"state_dict: missing keys for this config: {[prefix + k for k in missing[:5]]}"
-                         + (" ..." if len(missing) > 5 else ""))
-    unexpected = [k for k in own if k not in expected and k != RESIDUAL]
-    if unexpected:
-        raise ValueError(f"state_dict: unexpected keys for this config: {[prefix + k for k in unexpected[:5]]}")
-    reference = own[f"{EXPERTS}.0.up_proj.weight"] if config.n_ffn else next(iter(own.values()))
+    own, entries = moepp_entries(state_dict, config, prefix)
+    reference = model_tensor(own, entries)
+    reference = own[entries[0][0]] if reference is None else reference
     layer = MoEPPLayer(config, has_residual=RESIDUAL in own, dtype=reference.dtype, device=reference.device,
                        gemm_backend=gemm_backend)
-    with torch.no_grad():
-        for key, name, index in layout:
-            _copy(_tensor(layer, name, index), own[key], prefix + key)
-        if RESIDUAL in own:
-            _copy(layer.router.residual_weight, own[RESIDUAL], prefix + RESIDUAL)
+    load_entries(layer, own, entries, prefix)
     return layer
 
 

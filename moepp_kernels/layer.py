@@ -58,6 +58,19 @@ def _gate_and_mix(x32: Tensor, config: MoEPPConfig, gate_weight: Optional[Tensor
     return logits.contiguous(), mix.contiguous()
 
 
+def _route_tokens(x2: Tensor, config: MoEPPConfig, gate_weight: Optional[Tensor], gate_w1: Optional[Tensor],
+                  gate_w2: Optional[Tensor], const_gate: Tensor, residual_weight: Optional[Tensor],
+                  selection_bias: Optional[Tensor], prev_logits: Optional[Tensor], return_stats: bool = False
+                  ) -> tuple[RouterOutput, Tensor]:
+    """The layer's routing step for x2 [T, D]: (the RouterOutput, the constant experts' mixing
+    logits [T, 2C]). G applies only with prev_logits (every MoE++ layer but the first)."""
+    logits, mix = _gate_and_mix(x2.float(), config, gate_weight, gate_w1, gate_w2, const_gate, config.input_scale)
+    route = fused_router(logits, config, prev_logits=prev_logits,
+                         residual_weight=residual_weight if prev_logits is not None else None,
+                         selection_bias=selection_bias, return_stats=return_stats)
+    return route, mix
+
+
 def moepp_layer(x: Tensor, config: MoEPPConfig, *, up: Tensor, down: Tensor, const_gate: Tensor,
                 const_value: Tensor, gate_weight: Optional[Tensor] = None, gate_w1: Optional[Tensor] = None,
                 gate_w2: Optional[Tensor] = None, residual_weight: Optional[Tensor] = None,
@@ -97,10 +110,8 @@ def moepp_layer(x: Tensor, config: MoEPPConfig, *, up: Tensor, down: Tensor, con
     scale = config.input_scale
 
     x2 = x.reshape(-1, d)
-    logits, mix = _gate_and_mix(x2.float(), config, gate_weight, gate_w1, gate_w2, const_gate, scale)
-    route = fused_router(logits, config, prev_logits=prev_logits,
-                         residual_weight=residual_weight if prev_logits is not None else None,
-                         selection_bias=selection_bias, return_stats=return_router)
+    route, mix = _route_tokens(x2, config, gate_weight, gate_w1, gate_w2, const_gate, residual_weight, selection_bias,
+                               prev_logits, return_router)
     plan = build_plan(route.topk_ids, config.n_ffn)
     # The layer made the plan itself: its indices need no checks (the private ops take it as is).
     y = apply_expert_ffn(x2, up, down, plan, config.top_k, scale, backend)

@@ -98,7 +98,7 @@ def fused_router(logits: Tensor, config: MoEPPConfig, *, prev_logits: Optional[T
         f = counts.to(torch.float32) / max(tokens * k, 1)
         p = prob_sum / max(tokens, 1)
     if config.capacity_factor is not None:
-        ids, weights, dropped = apply_capacity(ids, weights, counts, config)
+        ids, weights, dropped = apply_capacity(ids, weights, config)
     return RouterOutput(ids, weights, passed_on, counts, f, p, dropped)
 
 

@@ -21,11 +21,11 @@ from .._ops.combine import layout_scalars
 from .._ops.expert_ffn import apply_expert_ffn
 from .._tensors import MODEL_DTYPES, check_tensor
 from ..capacity import expert_capacity, slot_positions
-from ..checkpoint import RESIDUAL, _copy, _layout, _tensor
+from ..checkpoint import RESIDUAL, load_entries, model_tensor, moepp_entries
 from ..config import MoEPPConfig
-from ..layer import MoEPPLayer, _gate_and_mix
+from ..layer import MoEPPLayer, _route_tokens
 from ..permute import CHECK_INDICES, PermutationPlan, build_plan
-from ..router import MoEPPRouter, fused_router
+from ..router import MoEPPRouter
 from .exchange import exchange_counts, exchange_fixed_rows, exchange_rows, expert_major_order, expert_ranges
 
 
@@ -105,29 +105,16 @@ class ExpertParallelMoEPPLayer(nn.Module):
         layout"): only this rank's FFN experts are read, so `state_dict` may hold just
         those (e.g. loaded lazily) plus the replicated gate and constant experts. The model
         dtype is the experts' unless `dtype` is given."""
-        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        lo, hi = expert_ranges(config.n_ffn, dist.get_world_size(group))[dist.get_rank(group)]
-        # Every tensor of the layout but the other ranks' FFN experts, whose keys may be absent.
-        needed = [(key, name, index) for key, name, index in _layout(config)
-                  if name not in ("up", "down") or lo <= index < hi]
-        missing = [prefix + key for key, _, _ in needed if key not in own]
-        if missing:
-            raise ValueError(f"state_dict: missing keys for this rank's shard: {missing[:5]}"
-                             + (" ..." if len(missing) > 5 else ""))
-        # The model dtype from an expert tensor (the gate may be stored in fp32).
-        model_tensors = [own[key] for key, name, _ in needed if not name.startswith("router.")]
-        if not model_tensors and dtype is None:
+        experts = expert_ranges(config.n_ffn, dist.get_world_size(group))[dist.get_rank(group)]
+        own, entries = moepp_entries(state_dict, config, prefix, experts)
+        ref = model_tensor(own, entries)
+        if ref is None and dtype is None:
             raise ValueError("state_dict: this rank holds no FFN or constant expert to read the model dtype from; "
                              "pass dtype=")
-        ref = model_tensors[0] if model_tensors else own[needed[0][0]]
-        ep = cls(config, group, has_residual=RESIDUAL in own, dtype=dtype or ref.dtype, device=ref.device,
+        device = (own[entries[0][0]] if ref is None else ref).device
+        ep = cls(config, group, has_residual=RESIDUAL in own, dtype=dtype or ref.dtype, device=device,
                  gemm_backend=gemm_backend)
-        with torch.no_grad():
-            for key, name, index in needed:
-                local = index - lo if name in ("up", "down") else index
-                _copy(_tensor(ep, name, local), own[key], prefix + key)
-            if RESIDUAL in own:
-                _copy(ep.router.residual_weight, own[RESIDUAL], prefix + RESIDUAL)
+        load_entries(ep, own, entries, prefix)
         return ep
 
     def to_layer(self) -> MoEPPLayer:
@@ -165,11 +152,9 @@ class ExpertParallelMoEPPLayer(nn.Module):
         scale, k = cfg.input_scale, cfg.top_k
         x2 = x.reshape(-1, d)
         tokens = x2.shape[0]
-        logits, mix = _gate_and_mix(x2.float(), cfg, getattr(r, "gate_weight", None), getattr(r, "gate_w1", None),
-                                    getattr(r, "gate_w2", None), self.const_gate, scale)
-        route = fused_router(logits, cfg, prev_logits=prev_logits,
-                             residual_weight=r.residual_weight if prev_logits is not None else None,
-                             selection_bias=r.selection_bias)
+        route, mix = _route_tokens(x2, cfg, getattr(r, "gate_weight", None), getattr(r, "gate_w1", None),
+                                   getattr(r, "gate_w2", None), self.const_gate, r.residual_weight, r.selection_bias,
+                                   prev_logits)
         if cfg.capacity_factor is not None:
             y, slot_row = self._experts_at_capacity(x2, route.topk_ids, backend)
             out = torch.ops.moepp.combine(x2, y, route.topk_ids, route.topk_weights, slot_row, mix,
@@ -209,9 +194,8 @@ class ExpertParallelMoEPPLayer(nn.Module):
         dev = x2.device
         flat = topk_ids.reshape(-1).long()
         is_ffn = flat < cfg.n_ffn
-        counts = torch.zeros(cfg.n_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
         # after the drop, every kept slot's place is < C; row e * C + place of the send buffer, the rest a spare row
-        dest = torch.where(is_ffn, flat * cap + slot_positions(topk_ids, counts).reshape(-1),
+        dest = torch.where(is_ffn, flat * cap + slot_positions(topk_ids, cfg.n_experts).reshape(-1),
                            torch.full_like(flat, cfg.n_ffn * cap))
         slot_of_row = torch.full((cfg.n_ffn * cap + 1,), slots, dtype=torch.long, device=dev).scatter_(
             0, dest, torch.arange(slots, device=dev))[:-1]
