@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "../macros.h"
+#include "../numeric.h"
 
 namespace moepp::router {
 
@@ -46,6 +47,11 @@ MOEPP_HD T pos_inf() { return std::numeric_limits<T>::infinity(); }
 // NaN takes part in routing as -inf: never preferred to a real value.
 template <typename T>
 MOEPP_HD T routing_value(T v) { return is_nan(v) ? neg_inf<T>() : v; }
+
+// e^x of the router's softmax: exp_approx in fp32 (the same on the CPU and the GPU, and
+// vectorising in the CPU row loops), libm's in fp64 (gradcheck's precision).
+MOEPP_HD float softmax_exp(float x) { return exp_approx(x); }
+MOEPP_HD double softmax_exp(double x) { return std::exp(x); }
 
 // A top-k candidate; a NaN score marks "already taken / none".
 template <typename T>
@@ -126,7 +132,7 @@ struct SoftmaxStats {
     const T zl = z(l);
     if (max_z == neg_inf<T>()) return T(0);
     if (max_z == pos_inf<T>()) return zl == pos_inf<T>() ? T(1) / n_pos_inf : T(0);
-    return std::exp(zl - max_z) / sum_exp;
+    return softmax_exp(zl - max_z) / sum_exp;
   }
   MOEPP_HD bool finite_softmax() const { return max_z != neg_inf<T>() && max_z != pos_inf<T>(); }
 };
@@ -167,7 +173,7 @@ MOEPP_HD SoftmaxStats<T> softmax_stats(const Group& g, const RouterOptions& opt,
     if (st.max_z == pos_inf<T>()) {
       acc += zj == pos_inf<T>() ? T(1) : T(0);
     } else if (st.max_z != neg_inf<T>()) {
-      const T e = std::exp(zj - st.max_z);
+      const T e = softmax_exp(zj - st.max_z);
       if (exps != nullptr) exps[j] = e;
       acc += e;
     }
@@ -225,7 +231,7 @@ MOEPP_HD void slot_gates(const RouterOptions& opt, const SoftmaxStats<T>& st, co
       } else if (m == pos_inf<T>()) {
         gates[s] = zs == pos_inf<T>() ? T(1) : T(0);
       } else {
-        gates[s] = std::exp(zs - m);
+        gates[s] = softmax_exp(zs - m);
       }
       total += gates[s];
     });
