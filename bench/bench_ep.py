@@ -3,7 +3,8 @@ for a later run): per token, the bytes that cross the wire for the MoE++ EP laye
 vs a vanilla-MoE EP layer with the same FFN experts and vs "zero-computation slots
 remapped to expert 0 with weight 0" (how vLLM / SGLang run LongCat-Flash's
 identity experts), over the tau sweep; and the step time (forward + backward, the
-slowest rank) MoE++ EP vs vanilla EP against the ideal FFN-work ratio."""
+slowest rank; the two layers' steps interleaved) MoE++ EP vs vanilla EP against the ideal
+FFN-work ratio."""
 
 from __future__ import annotations
 
@@ -76,23 +77,30 @@ class WireMeter:
         return self.inner(output, input, output_split_sizes, input_split_sizes, **kwargs)
 
 
-def step_ms(layer: ExpertParallelMoEPPLayer, x: torch.Tensor, reps: int) -> float:
-    def step():  # a training step's layer work: grads start unset, as after zero_grad(set_to_none=True)
+def step_ms(layers: dict, x: torch.Tensor, reps: int) -> dict:
+    """{impl: median step ms of the slowest rank}, the layers' steps interleaved (a, b, a, b, ...)
+    so that the VM's drifting speed weighs on both alike."""
+    def step(layer):  # a training step's layer work: grads start unset, as after zero_grad(set_to_none=True)
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
         out, logits = layer(xi)
         (out.square().mean() + logits.mean()).backward()
 
-    step()
-    times = []
+    times = {impl: [] for impl in layers}
+    for layer in layers.values():
+        step(layer)
     for _ in range(reps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    worst = torch.tensor(statistics.median(times) * 1e3)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
-    return float(worst)
+        for impl, layer in layers.items():
+            dist.barrier()
+            start = time.perf_counter()
+            step(layer)
+            times[impl].append(time.perf_counter() - start)
+    out = {}
+    for impl, t in times.items():
+        worst = torch.tensor(statistics.median(t) * 1e3)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
+        out[impl] = float(worst)
+    return out
 
 
 def run_rank(rank: int, port: int, size: dict, biases: dict, results) -> None:
@@ -107,7 +115,7 @@ def run_rank(rank: int, port: int, size: dict, biases: dict, results) -> None:
         out = {}
         expert0_rank = next(r for r, (lo, hi) in enumerate(expert_ranges(cfg.n_ffn, WORLD)) if lo <= 0 < hi)
         for tau, bias in biases.items():
-            per_impl = {}
+            per_impl, layers = {}, {}
             for impl, c in (("moepp_ep", cfg), ("vanilla_ep", vanilla_config(cfg))):
                 full = full_layer(cfg, bias) if impl == "moepp_ep" else None
                 if full is None:  # the vanilla layer: the same FFN experts, no zero-computation experts
@@ -117,19 +125,20 @@ def run_rank(rank: int, port: int, size: dict, biases: dict, results) -> None:
                         full.up.copy_(donor.up)
                         full.down.copy_(donor.down)
                         full.router.gate_weight.copy_(donor.router.gate_weight[:c.n_experts])
-                layer = ExpertParallelMoEPPLayer.from_layer(full)
+                layers[impl] = layer = ExpertParallelMoEPPLayer.from_layer(full)
                 meter.bytes = 0
                 with torch.no_grad():
                     layer(x)
-                fwd_bytes = meter.bytes
-                per_impl[impl] = {"fwd_bytes": fwd_bytes, "median_ms": step_ms(layer, x, size["reps"])}
+                per_impl[impl] = {"fwd_bytes": meter.bytes}
                 if impl == "moepp_ep":
                     share = zc_share(cfg, full, x)
                     zc_slots = round(share * size["tokens"] * cfg.top_k)
                     # remapped to expert 0 with weight 0: zc slots travel to expert 0's rank and back
                     extra = 0 if rank == expert0_rank else 2 * zc_slots * cfg.hidden_size * 4
-                    per_impl["remap_ep"] = {"fwd_bytes": fwd_bytes + extra, "median_ms": float("nan")}
+                    per_impl["remap_ep"] = {"fwd_bytes": meter.bytes + extra, "median_ms": float("nan")}
                     per_impl[impl]["measured_ffn_share"] = 1.0 - share
+            for impl, ms in step_ms(layers, x, size["reps"]).items():
+                per_impl[impl]["median_ms"] = ms
             totals = {}
             for impl, r in per_impl.items():
                 b = torch.tensor(float(r["fwd_bytes"]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from bench_layer import expert_gemms
-from conftest import device_dtypes, step
+from conftest import device_dtypes, interleaved_ms, round_record, step
 
 from moepp_kernels.integrations import replace_longcat_flash_moe
 from moepp_kernels.integrations.released_moepp import replace_moepp_layers
@@ -64,23 +64,24 @@ PEERS = {"moepp-0.6b": (released_block, 4096, "released_loop"), "longcat": (long
 @pytest.mark.parametrize("device, dtype", device_dtypes())
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-@pytest.mark.parametrize("impl", ["fused", "peer", "gemm_floor"])
-def bench_peers(measure, quick, device, dtype, peer, mode, impl):
+def bench_peers(record_result, quick, device, dtype, peer, mode):
+    """fused, the peer and gemm_floor timed in alternating rounds (interleaved_ms): on a VM whose
+    speed drifts by tens of percent over minutes, separate runs would compare different machines."""
     build, tokens, peer_name = PEERS[peer]
     tokens = QUICK_TOKENS if quick else tokens
     theirs, ours, d = build(device, dtype, quick)
-    layer = ours.moepp
     x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
-    case = f"peers {device} {peer} T={tokens} {str(dtype)[6:]} {mode}"
-    if impl == "gemm_floor":
-        measure(case, impl, device, expert_gemms(layer, x, None, backward=mode == "forward_backward"))
-        return
-    module = ours if impl == "fused" else theirs
-
-    def run():
-        out = module(x)
-        return out[0] if isinstance(out, tuple) else out
-
+    fns = {"gemm_floor": expert_gemms(ours.moepp, x, None, backward=mode == "forward_backward")}
     x.requires_grad_(mode != "forward")
-    fn = step(run, mode, lambda out: out.float().square().mean(), module)
-    measure(case, "fused" if impl == "fused" else peer_name, device, fn)
+    for impl, module in (("fused", ours), (peer_name, theirs)):
+        def run(module=module):
+            out = module(x)
+            return out[0] if isinstance(out, tuple) else out
+
+        fns[impl] = step(run, mode, lambda out: out.float().square().mean(), module)
+    # forward + backward runs seconds a call on the CPU (transformers' LongCat far longer): fewer rounds, one call each
+    rounds = interleaved_ms(fns, device, rounds=2 if quick else (5 if mode == "forward" else 3),
+                            reps=2 if mode == "forward" else 1)
+    case = f"peers {device} {peer} T={tokens} {str(dtype)[6:]} {mode}"
+    for impl, round_ms in rounds.items():
+        record_result(case, impl, round_record(device, round_ms))

@@ -5,7 +5,9 @@ pytest-benchmark's JSON (--moepp-summary PATH)."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -61,6 +63,28 @@ def step(run, mode: str, loss, module: torch.nn.Module | None = None):
             module.zero_grad(set_to_none=True)
         loss(run()).backward()
     return fn
+
+
+def interleaved_ms(fns: dict, device: str, rounds: int, reps: int = 2) -> dict:
+    """Times several implementations of one case in alternating rounds (a, b, c, a, b, c, ...),
+    so that a machine whose speed drifts (a shared VM, a GPU's clocks) weighs on all of them
+    alike: {impl: [ms per round]}. A round's time is the best of `reps` calls on the CPU, the
+    CUDA-event median (timing.gpu_time_ms) on a GPU; one warm-up call each first."""
+    for fn in fns.values():
+        fn()
+    out = {impl: [] for impl in fns}
+    for _ in range(rounds):
+        for impl, fn in fns.items():
+            if device == "cuda":
+                out[impl].append(gpu_time_ms(fn, warmup=1, reps=max(reps, 5))["median_ms"])
+                continue
+            best = float("inf")
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - start)
+            out[impl].append(best * 1e3)
+    return out
 
 
 def copy_bandwidth(device: str) -> float:
@@ -130,6 +154,12 @@ def record_result():
     return run
 
 
+def round_record(device: str, round_ms: list) -> dict:
+    """A record_result record from interleaved_ms's per-round times."""
+    return {"device": device, "median_ms": statistics.median(round_ms), "min_ms": min(round_ms),
+            "max_ms": max(round_ms), "reps": len(round_ms), "round_ms": round_ms}
+
+
 def _derived(impls: dict) -> dict:
     """Speedup of fused over reference, MoE++ over vanilla (with the ideal and the
     paper's), grouped GEMMs' efficiency against dense, parts' share of the layer."""
@@ -167,6 +197,12 @@ def _derived(impls: dict) -> dict:
             out["peer"] = peer
             if "gemm_floor" in ms:
                 out["fraction_of_gemm_floor"] = ms["gemm_floor"] / ms["fused"]
+            rounds = {k: v.get("round_ms") for k, v in impls.items()}
+            if rounds["fused"] and rounds[peer]:  # measured interleaved: the ratio round by round
+                out["speedup_vs_peer_rounds"] = [p / f for p, f in zip(rounds[peer], rounds["fused"])]
+                if rounds.get("gemm_floor"):
+                    out["fraction_of_gemm_floor_rounds"] = [g / f for g, f in zip(rounds["gemm_floor"],
+                                                                                   rounds["fused"])]
     if "original" in ms and "swapped" in ms:  # a whole model, its own MoE modules vs ours swapped in
         out["speedup_vs_original"] = ms["original"] / ms["swapped"]
     if "dense" in ms:

@@ -46,6 +46,12 @@ def table3(cases: dict) -> list[str]:
     return out
 
 
+def spread(c: dict, key: str) -> str:
+    """' (0.97-1.08 over 5 interleaved rounds)' where the case has per-round ratios."""
+    r = c.get(key)
+    return f" ({min(r):.2f}-{max(r):.2f} over {len(r)} interleaved rounds)" if r else ""
+
+
 def simple_rows(cases: dict, prefix: str, describe) -> list[str]:
     return [describe(name, c) for name, c in cases.items() if name.startswith(prefix)]
 
@@ -89,8 +95,9 @@ def render(summary: dict) -> str:
         f"({c['impls']['original']['tokens_per_s']:,.0f} tokens/s)"))
     peers = simple_rows(cases, "peers ", lambda n, c: (
         f"- {n}: fused {c['impls']['fused']['median_ms']:.1f} ms, {c['speedup_vs_peer']:.2f}x {c['peer']}"
-        + (f", {c['fraction_of_gemm_floor']:.2f} of the experts' GEMMs alone" if "fraction_of_gemm_floor" in c
-           else "")))
+        + spread(c, "speedup_vs_peer_rounds")
+        + (f", {c['fraction_of_gemm_floor']:.2f} of the experts' GEMMs alone"
+           + spread(c, "fraction_of_gemm_floor_rounds") if "fraction_of_gemm_floor" in c else "")))
     ep = simple_rows(cases, "ep ", lambda n, c: (
         f"- {n}: wire bytes {c['bytes_vs_vanilla_ep']:.3f}x vanilla EP's (FFN share {c['ffn_share']:.3f})"
         + (f", {c['bytes_vs_remap_ep']:.3f}x remap-to-expert-0's" if "bytes_vs_remap_ep" in c else "")

@@ -3,9 +3,9 @@
 Rank r holds a contiguous range of the FFN experts (`expert_ranges`); the router
 (gate weights, G, selection bias) and the constant / copy / zero experts are
 replicated on every rank. Per step (spec: the MoE++ deployment argument): route
-and plan locally; only FFN slots travel: their rows (x_e, x*k folded in, model
-dtype) go to the ranks owning their experts, are grouped expert-major for the
-local grouped-GEMM FFN, and come back by the reverse exchange; the combine
+and plan locally; only FFN slots travel: their token rows (model dtype) go to the
+ranks owning their experts, whose FFN gathers them expert-major with x*k folded
+in (one pass), and come back by the reverse exchange; the combine
 epilogue then runs on the source rank, where zero / copy / constant slots are
 resolved in registers. Gates never travel.
 """
@@ -29,10 +29,15 @@ from ..router import MoEPPRouter
 from .exchange import exchange_counts, exchange_fixed_rows, exchange_rows, expert_major_order, expert_ranges
 
 
-def _local_plan(offsets: Tensor, rows: int) -> PermutationPlan:
-    """The plan of `rows` rows already gathered, expert-major (one slot per row, top_k 1)."""
-    ident = torch.arange(rows, dtype=torch.int32, device=offsets.device)
-    return PermutationPlan(offsets, ident, ident.reshape(rows, 1))
+def _local_plan(offsets: Tensor, order: Tensor) -> tuple[PermutationPlan, Tensor]:
+    """The plan under which the local FFN reads the received rows in `order` (its row r is
+    received row order[r]: one slot per row, top_k 1), so the FFN's own gather does the
+    reordering (and x*k) in its one pass; and the inverse order, which takes the FFN's
+    output rows back to the order received."""
+    order = order.to(device=offsets.device, dtype=torch.int32)
+    back = torch.empty_like(order)
+    back[order.long()] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
+    return PermutationPlan(offsets, order, back.reshape(-1, 1)), back.long()
 
 
 class ExpertParallelMoEPPLayer(nn.Module):
@@ -165,17 +170,13 @@ class ExpertParallelMoEPPLayer(nn.Module):
         sent = sum(counts.send)
         # Only FFN slots' rows leave this rank, already ordered by expert and so by owning rank.
         rows_out = x2.index_select(0, plan.row_src[:sent].long() // k)
-        if scale != 1.0:
-            rows_out = rows_out * scale
         rows_in = exchange_rows(rows_out, counts.send, counts.recv, group=self.group)
         order, local_offsets = expert_major_order(counts.recv_per_expert)
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel())
         offsets = torch.tensor(local_offsets, dtype=torch.int32, device=x.device)
-        y_local = apply_expert_ffn(rows_in.index_select(0, order.to(x.device)), self.up, self.down,
-                                   _local_plan(offsets, local_offsets[-1]), 1, 1.0, backend)
+        local_plan, back = _local_plan(offsets, order)
+        y_local = apply_expert_ffn(rows_in, self.up, self.down, local_plan, 1, scale, backend)
         # Results go back in the order they came, and land in this rank's plan rows ([T * k, D] as the combine reads).
-        y = exchange_rows(y_local.index_select(0, back.to(x.device)), counts.recv, counts.send, out_rows=tokens * k,
+        y = exchange_rows(y_local.index_select(0, back), counts.recv, counts.send, out_rows=tokens * k,
                           group=self.group)
         out = torch.ops.moepp.combine(x2, y, route.topk_ids, route.topk_weights, plan.slot_row, mix,
                                       self.const_value, *layout_scalars(cfg))
@@ -202,18 +203,16 @@ class ExpertParallelMoEPPLayer(nn.Module):
         x_ext = torch.cat([x2, x2.new_zeros(1, d)])  # row T: the zero row of unused places
         token_of_row = torch.where(slot_of_row < slots, slot_of_row // k, torch.full_like(slot_of_row, tokens))
         rows_out = x_ext.index_select(0, token_of_row)
-        if cfg.input_scale != 1.0:
-            rows_out = rows_out * cfg.input_scale
         n_local = self.expert_range[1] - self.expert_range[0]
         send = [(hi - lo) * cap for lo, hi in self.ranges]
         recv = [n_local * cap] * self.world
         rows_in = exchange_fixed_rows(rows_out, send, recv, group=self.group)
-        # rank-major [W, n_local, C] -> expert-major [n_local, W, C]: a reshape, no index
-        grouped = rows_in.reshape(self.world, n_local, cap, d).transpose(0, 1).reshape(-1, d)
+        # received rank-major [W, n_local, C]; the FFN reads them expert-major [n_local, W, C]
+        order = torch.arange(rows_in.shape[0], device=dev).reshape(self.world, n_local, cap).transpose(0, 1)
         per_expert = self.world * cap
         offsets = torch.arange(n_local + 1, dtype=torch.int32, device=dev) * per_expert
-        y_local = apply_expert_ffn(grouped, self.up, self.down, _local_plan(offsets, n_local * per_expert), 1, 1.0,
-                                   backend)
+        local_plan, _ = _local_plan(offsets, order.reshape(-1))
+        y_local = apply_expert_ffn(rows_in, self.up, self.down, local_plan, 1, cfg.input_scale, backend)
         y_back = y_local.reshape(n_local, self.world, cap, d).transpose(0, 1).reshape(-1, d)
         y_rows = exchange_fixed_rows(y_back, recv, send, group=self.group)  # [n_ffn * C, D], expert-major
         y = torch.cat([y_rows, y_rows.new_zeros(1, d)]).index_select(0, dest)
