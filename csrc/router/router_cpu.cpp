@@ -19,6 +19,22 @@ constexpr int64_t kTokensPerWorker = 512;
 // Partial sums / maxima of the row loops, combined in a fixed order (deterministic).
 constexpr int kLanes = 8;
 
+// max_j v_j in kLanes partial maxima (NaN entries never win; -inf for a row of
+// them). Inlined into its callers' clones.
+template <typename T>
+inline T row_max(int n, const T* __restrict v) {
+  T part[kLanes];
+  for (int l = 0; l < kLanes; ++l) part[l] = neg_inf<T>();
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) part[l] = v[j + l] > part[l] ? v[j + l] : part[l];
+  }
+  for (int l = 0; j < n; ++j, ++l) part[l] = v[j] > part[l] ? v[j] : part[l];
+  T m = part[0];
+  for (int l = 1; l < kLanes; ++l) m = part[l] > m ? part[l] : m;
+  return m;
+}
+
 // select_top_k for one thread: a best-first list of k kept by insertion. An
 // entry enters only by beating the k-th strictly, and entries are offered in id
 // order, so equal scores keep the lowest ids first, as `better` orders them
@@ -89,15 +105,7 @@ void select_top_k_blocked(int n, int k, const T* score, int32_t* ids) {
 // have none.
 template <typename T>
 MOEPP_CPU_CLONES int32_t take_best(int n, T* __restrict sel) {
-  T part[kLanes];
-  for (int l = 0; l < kLanes; ++l) part[l] = neg_inf<T>();
-  int j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) part[l] = sel[j + l] > part[l] ? sel[j + l] : part[l];
-  }
-  for (int l = 0; j < n; ++j, ++l) part[l] = sel[j] > part[l] ? sel[j] : part[l];
-  T best = part[0];
-  for (int l = 1; l < kLanes; ++l) best = part[l] > best ? part[l] : best;
+  const T best = row_max(n, sel);
   int32_t first = n;
   for (int i = n - 1; i >= 0; --i) first = sel[i] == best ? i : first;
   sel[first] = std::numeric_limits<T>::quiet_NaN();
@@ -174,16 +182,7 @@ MOEPP_CPU_CLONES T scaled_row(int n, const T* __restrict v, T scale, T* __restri
     const T s = v[j] * scale;
     z[j] = s != s ? neg_inf<T>() : s;
   }
-  T part[kLanes];
-  for (int l = 0; l < kLanes; ++l) part[l] = neg_inf<T>();
-  int j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) part[l] = z[j + l] > part[l] ? z[j + l] : part[l];
-  }
-  for (int l = 0; j < n; ++j, ++l) part[l] = z[j] > part[l] ? z[j] : part[l];
-  T m = part[0];
-  for (int l = 1; l < kLanes; ++l) m = part[l] > m ? part[l] : m;
-  return m;
+  return row_max(n, z);
 }
 
 // z_j <- e^(z_j - max), in place; returns Σ_j of them.
