@@ -14,6 +14,7 @@ import pytest
 import torch
 from bench_layer import expert_gemms
 from conftest import device_dtypes, interleaved_ms, round_record, step
+from telemetry import nvml_snapshot
 
 from moepp_kernels.integrations import replace_longcat_flash_moe
 from moepp_kernels.integrations.released_moepp import replace_moepp_layers
@@ -80,8 +81,11 @@ def bench_peers(record_result, quick, device, dtype, peer, mode):
 
         fns[impl] = step(run, mode, lambda out: out.float().square().mean(), module)
     # forward + backward runs seconds a call on the CPU (transformers' LongCat far longer): fewer rounds, one call each
+    clocks = {"nvml_before": nvml_snapshot()} if device == "cuda" else {}
     rounds = interleaved_ms(fns, device, rounds=2 if quick else (5 if mode == "forward" else 3),
                             reps=2 if mode == "forward" else 1)
+    if device == "cuda":
+        clocks["nvml_after"] = nvml_snapshot()
     case = f"peers {device} {peer} T={tokens} {str(dtype)[6:]} {mode}"
     for impl, round_ms in rounds.items():
-        record_result(case, impl, round_record(device, round_ms))
+        record_result(case, impl, {**round_record(device, round_ms), **clocks})
