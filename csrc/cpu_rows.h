@@ -15,6 +15,14 @@
 #define MOEPP_CPU_CLONES
 #endif
 
+// A row loop inlined into a MOEPP_CPU_CLONES caller, so it is compiled for each of
+// the caller's instruction sets (a call through the clones' dispatch cannot inline).
+#if defined(__GNUC__)
+#define MOEPP_ROW_INLINE inline __attribute__((always_inline))
+#else
+#define MOEPP_ROW_INLINE inline
+#endif
+
 namespace moepp::rows {
 
 // dst = outer * (inner * src)
@@ -29,19 +37,39 @@ MOEPP_CPU_CLONES void add_scaled(const S* __restrict src, float w, int64_t n, fl
   for (int64_t i = 0; i < n; ++i) acc[i] += w * to_float(src[i]);
 }
 
-// sum_i a[i] * b[i], in 16 fp32 partial sums (a fixed order: deterministic)
+// join(... join(init, term(0)) ..., term(n - 1)) regrouped into L partial results:
+// term(i) of the whole blocks of L goes to partial i % L, the tail's to partials 0, 1, ...,
+// and the partials are joined into init in order. The order is fixed (deterministic) and
+// the block loop vectorises. `term` may store element i as it goes.
+template <int L, typename Acc, typename Term, typename Join>
+MOEPP_ROW_INLINE Acc lane_reduce(int64_t n, Acc init, Term term, Join join) {
+  Acc part[L];
+  for (int l = 0; l < L; ++l) part[l] = init;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) part[l] = join(part[l], term(i + l));
+  }
+  for (int l = 0; i < n; ++i, ++l) part[l] = join(part[l], term(i));
+  Acc total = init;
+  for (int l = 0; l < L; ++l) total = join(total, part[l]);
+  return total;
+}
+
+// lane_reduce's joins.
+struct Add {
+  template <typename T>
+  MOEPP_ROW_INLINE T operator()(T a, T b) const { return a + b; }
+};
+// The larger of a and b; a when b is NaN or not larger (a NaN b never wins).
+struct MaxOf {
+  template <typename T>
+  MOEPP_ROW_INLINE T operator()(T a, T b) const { return b > a ? b : a; }
+};
+
+// sum_i a[i] * b[i], in 16 fp32 partial sums
 template <typename S>
 MOEPP_CPU_CLONES float dot(const float* __restrict a, const S* __restrict b, int64_t n) {
-  constexpr int kLanes = 16;
-  float part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) part[l] += a[i + l] * to_float(b[i + l]);
-  }
-  for (int l = 0; i < n; ++i, ++l) part[l] += a[i] * to_float(b[i]);
-  float total = 0.0f;
-  for (int l = 0; l < kLanes; ++l) total += part[l];
-  return total;
+  return lane_reduce<16>(n, 0.0f, [&](int64_t i) { return a[i] * to_float(b[i]); }, Add{});
 }
 
 }  // namespace moepp::rows

@@ -32,6 +32,8 @@ CASES = {
     "n20_k16_topk_softmax": (20, 16, {"gating": "topk_softmax"}),
     "n33_k4_bias": (33, 4, {"selection_bias": True, "routed_scaling_factor": 2.5}),
     "n33_k16_no_renorm": (33, 16, {"renormalize": False, "normalize_logits": True}),
+    "n64_k8_tiles_largest": (64, 8, {"normalize_logits": True}),  # the CPU's token tiles' largest N
+    "n65_k3_rows_smallest": (65, 3, {"selection_bias": True}),  # its row loops' smallest
     "n257_k16_normalized_bias": (257, 16, {"normalize_logits": True, "selection_bias": True}),
     "n1024_k12_longcat": (1024, 12, {"selection_bias": True, "routed_scaling_factor": 6.0,
                                      "scale_identity_weights": False}),
@@ -47,6 +49,9 @@ def special_rows(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     tied = torch.randn(n, generator=g, dtype=dtype)
     tied[n // 2:] = tied[0]
     rows.append(tied)  # half the row tied with its first element
+    signed_zeros = torch.zeros(n, dtype=dtype)
+    signed_zeros[1::2] = -0.0
+    rows.append(signed_zeros)  # -0 and +0 tie: lowest ids win
     for value in (float("inf"), float("-inf"), float("nan")):
         row = torch.randn(n, generator=g, dtype=dtype)
         row[torch.randperm(n, generator=g)[: max(1, n // 3)]] = value

@@ -1,7 +1,8 @@
-// CPU twin of the fused router: one thread per token range. The forward computes
-// route_scores and select_top_k's results in row loops of its own that vectorise
-// (the same values, sums in partials, and the same ids), then the shared
-// route_weights; the backward is router_math.h's route_token_backward. The
+// CPU twin of the fused router: one thread per token range. The forward of up to
+// kTileMaxExperts experts runs on tiles of tokens (router_tiles.cpp); above that, a
+// token at a time, computing route_scores and select_top_k's results in row loops of
+// its own that vectorise (the same values, sums in partials, and the same ids), then
+// the shared route_weights. The backward is router_math.h's route_token_backward. The
 // kernel's per-token execution itself runs on the CPU in router_lanes.cpp.
 #include <algorithm>
 #include <cmath>
@@ -11,28 +12,24 @@
 #include "../cpu_rows.h"
 #include "../parallel.h"
 #include "router.h"
+#include "router_residual.h"
+#include "router_tiles.h"
 
 namespace moepp::router {
 
 namespace {
 constexpr int64_t kTokensPerWorker = 512;
-// Partial sums / maxima of the row loops, combined in a fixed order (deterministic).
+// Partial sums / maxima of the row loops (rows::lane_reduce).
 constexpr int kLanes = 8;
 
-// max_j v_j in kLanes partial maxima (NaN entries never win; -inf for a row of
-// them). Inlined into its callers' clones.
+// The forward's row loops below are MOEPP_ROW_INLINE: route_range, one clone per
+// instruction set, holds a token range's whole forward, so each loop is compiled
+// for the clone's vectors and no call per row goes through the clones' dispatch.
+
+// max_j v_j (NaN entries never win; -inf for a row of them).
 template <typename T>
-inline T row_max(int n, const T* __restrict v) {
-  T part[kLanes];
-  for (int l = 0; l < kLanes; ++l) part[l] = neg_inf<T>();
-  int j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) part[l] = v[j + l] > part[l] ? v[j + l] : part[l];
-  }
-  for (int l = 0; j < n; ++j, ++l) part[l] = v[j] > part[l] ? v[j] : part[l];
-  T m = part[0];
-  for (int l = 1; l < kLanes; ++l) m = part[l] > m ? part[l] : m;
-  return m;
+MOEPP_ROW_INLINE T row_max(int n, const T* __restrict v) {
+  return rows::lane_reduce<kLanes>(n, neg_inf<T>(), [&](int64_t j) { return v[j]; }, rows::MaxOf{});
 }
 
 // select_top_k for one thread: a best-first list of k kept by insertion. An
@@ -47,7 +44,7 @@ struct BestFirst {
   int count = 0;
   T best[kMaxTopK];
 
-  void offer(T s, int32_t j) {
+  MOEPP_ROW_INLINE void offer(T s, int32_t j) {
     if (count == k && !(s > best[k - 1])) return;
     int pos = count < k ? count++ : k - 1;
     while (pos > 0 && s > best[pos - 1]) {
@@ -61,14 +58,14 @@ struct BestFirst {
 };
 
 template <typename T>
-void select_top_k_serial(int n, int k, const T* score, int32_t* ids) {
+MOEPP_ROW_INLINE void select_top_k_serial(int n, int k, const T* score, int32_t* ids) {
   BestFirst<T> list{k, ids};
   for (int j = 0; j < n; ++j) list.offer(score[j], j);
 }
 
 // Maxima of the row's blocks of kLanes (block b: entries [b * kLanes, (b + 1) * kLanes)).
 template <typename T>
-MOEPP_CPU_CLONES void block_maxima(int blocks, const T* __restrict score, T* __restrict maxima) {
+MOEPP_ROW_INLINE void block_maxima(int blocks, const T* __restrict score, T* __restrict maxima) {
   for (int b = 0; b < blocks; ++b) {
     T m = score[b * kLanes];
     for (int l = 1; l < kLanes; ++l) m = score[b * kLanes + l] > m ? score[b * kLanes + l] : m;
@@ -82,7 +79,7 @@ MOEPP_CPU_CLONES void block_maxima(int blocks, const T* __restrict score, T* __r
 // ties), and the tail, can win, and only they are offered, still in id order. The full
 // row's insertion branches mispredict on random rows; the maxima vectorise.
 template <typename T>
-void select_top_k_blocked(int n, int k, const T* score, int32_t* ids) {
+MOEPP_ROW_INLINE void select_top_k_blocked(int n, int k, const T* score, int32_t* ids) {
   const int blocks = n / kLanes;
   T maxima[kMaxExperts / kLanes];
   block_maxima(blocks, score, maxima);
@@ -104,7 +101,7 @@ void select_top_k_blocked(int n, int k, const T* score, int32_t* ids) {
 // insertion's data-dependent branches mispredict on random rows; these loops
 // have none.
 template <typename T>
-MOEPP_CPU_CLONES int32_t take_best(int n, T* __restrict sel) {
+MOEPP_ROW_INLINE int32_t take_best(int n, T* __restrict sel) {
   const T best = row_max(n, sel);
   int32_t first = n;
   for (int i = n - 1; i >= 0; --i) first = sel[i] == best ? i : first;
@@ -113,28 +110,12 @@ MOEPP_CPU_CLONES int32_t take_best(int n, T* __restrict sel) {
 }
 
 template <typename T>
-void select_top_k_cpu(int n, int k, T* sel, int32_t* ids) {
+MOEPP_ROW_INLINE void select_top_k_cpu(int n, int k, T* sel, int32_t* ids) {
   if (k > 2) {
     if (n >= 4 * kLanes * k) return select_top_k_blocked(n, k, sel, ids);
     return select_top_k_serial(n, k, sel, ids);
   }
   for (int s = 0; s < k; ++s) ids[s] = take_best(n, sel);
-}
-
-// l + r·Gᵀ for one token with G transposed and its rows padded with zeros to a
-// multiple of kLanes, `ld` (gt[m * ld + j] = G[j][m]): the loop over j is
-// contiguous, whole vectors, and each sum adds its terms in m order from 0, as
-// route_scores does. acc has ld entries.
-template <typename T>
-MOEPP_CPU_CLONES void add_residual(int n, int ld, const T* __restrict logits, const T* __restrict r,
-                                   const T* __restrict gt, T* __restrict acc, T* __restrict out) {
-  std::fill(acc, acc + ld, T(0));
-  for (int m = 0; m < n; ++m) {
-    const T rm = r[m];
-    const T* row = gt + static_cast<int64_t>(m) * ld;
-    for (int j = 0; j < ld; ++j) acc[j] += rm * row[j];
-  }
-  for (int j = 0; j < n; ++j) out[j] = logits[j] + acc[j];
 }
 
 // dL/dr = dl'·G for one token, each sum over j in order from 0 as
@@ -151,33 +132,22 @@ MOEPP_CPU_CLONES void residual_backward(int n, const T* __restrict grad_logits, 
   }
 }
 
-// The row loops of route_scores_row. Sums and maxima go through kLanes partial
-// results combined in a fixed order (deterministic), so the compiler vectorises
-// them; no libm call (softmax_exp is exp_approx in fp32).
+// The row loops of route_scores_row: sums and maxima in partials (lane_reduce), no
+// libm call (softmax_exp is exp_approx in fp32).
 // Σ_j (v_j - shift), or Σ_j (v_j - shift)² when kSquares.
 template <bool kSquares, typename T>
-MOEPP_CPU_CLONES T row_sum(int n, const T* __restrict v, T shift) {
-  T part[kLanes] = {};
-  int j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const T d = v[j + l] - shift;
-      part[l] += kSquares ? d * d : d;
-    }
-  }
-  for (int l = 0; j < n; ++j, ++l) {
+MOEPP_ROW_INLINE T row_sum(int n, const T* __restrict v, T shift) {
+  return rows::lane_reduce<kLanes>(n, T(0), [&](int64_t j) {
     const T d = v[j] - shift;
-    part[l] += kSquares ? d * d : d;
-  }
-  T total = 0;
-  for (int l = 0; l < kLanes; ++l) total += part[l];
-  return total;
+    return kSquares ? d * d : d;
+  }, rows::Add{});
 }
 
 // z_j = routing_value(v_j * scale) into z; returns max_j z_j. Two loops: the
 // compiler vectorises the select and the partial maxima apart, not together.
+// routing_value's NaN rule is written out: the loop vectorises only so.
 template <typename T>
-MOEPP_CPU_CLONES T scaled_row(int n, const T* __restrict v, T scale, T* __restrict z) {
+MOEPP_ROW_INLINE T scaled_row(int n, const T* __restrict v, T scale, T* __restrict z) {
   for (int j = 0; j < n; ++j) {
     const T s = v[j] * scale;
     z[j] = s != s ? neg_inf<T>() : s;
@@ -187,28 +157,15 @@ MOEPP_CPU_CLONES T scaled_row(int n, const T* __restrict v, T scale, T* __restri
 
 // z_j <- e^(z_j - max), in place; returns Σ_j of them.
 template <typename T>
-MOEPP_CPU_CLONES T exp_row(int n, T* __restrict z, T max) {
-  T part[kLanes] = {};
-  int j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      z[j + l] = softmax_exp(z[j + l] - max);
-      part[l] += z[j + l];
-    }
-  }
-  for (int l = 0; j < n; ++j, ++l) {
-    z[j] = softmax_exp(z[j] - max);
-    part[l] += z[j];
-  }
-  T total = 0;
-  for (int l = 0; l < kLanes; ++l) total += part[l];
-  return total;
+MOEPP_ROW_INLINE T exp_row(int n, T* __restrict z, T max) {
+  return rows::lane_reduce<kLanes>(n, T(0), [&](int64_t j) { return z[j] = softmax_exp(z[j] - max); }, rows::Add{});
 }
 
-// From e_j = e^(z_j - max) in `sel`: p_j = e_j / sum (added into prob_acc when
-// given) and the selection score routing_value(p_j or z_j, + bias_j) back into sel.
+// selection_scores for a finite softmax, e_j = e^(z_j - max) in `sel`: p_j = e_j / sum
+// (added into prob_acc when given) and the score routing_value(p_j or z_j, + bias_j)
+// back into sel, routing_value written out as in scaled_row.
 template <typename T>
-MOEPP_CPU_CLONES void score_row(int n, bool by_prob, const T* __restrict v, T scale, T sum, const T* __restrict bias,
+MOEPP_ROW_INLINE void score_row(int n, bool by_prob, const T* __restrict v, T scale, T sum, const T* __restrict bias,
                                 T* __restrict sel, T* __restrict prob_acc) {
   for (int j = 0; j < n; ++j) {
     const T p = sel[j] / sum;
@@ -220,11 +177,12 @@ MOEPP_CPU_CLONES void score_row(int n, bool by_prob, const T* __restrict v, T sc
   }
 }
 
-// route_scores for one token on one thread, l' given in `val`: the same statistics,
-// skips and limits as softmax_stats (its sums in partials), p into prob_acc, the
+// route_scores for one token on one thread, l' given in `val`: softmax_stats's
+// statistics, skips and limits (its sums in partials), p into prob_acc, the
 // selection scores into `sel`.
 template <typename T>
-SoftmaxStats<T> route_scores_row(const RouterOptions& opt, const T* val, const T* bias, T* sel, T* prob_acc) {
+MOEPP_ROW_INLINE SoftmaxStats<T> route_scores_row(const RouterOptions& opt, const T* val, const T* bias, T* sel,
+                                                  T* prob_acc) {
   const int n = opt.num_experts;
   SoftmaxStats<T> st{};
   st.scale = T(1);
@@ -239,67 +197,69 @@ SoftmaxStats<T> route_scores_row(const RouterOptions& opt, const T* val, const T
     }
   }
   st.max_z = scaled_row(n, val, st.scale, sel);
-  const bool by_prob = opt.gating == Gating::kSoftmaxTopK;
-  if (st.finite_softmax()) {
-    st.sum_exp = st.n_pos_inf = exp_row(n, sel, st.max_z);
-    score_row(n, by_prob, val, st.scale, st.sum_exp, bias, sel, prob_acc);
-    return st;
+  if (!st.finite_softmax()) {  // no finite maximum: the shared per-token code and its limits
+    const SoftmaxStats<T> limit = softmax_stats(SerialGroup{}, opt, val, sel);
+    selection_scores(SerialGroup{}, opt, limit, val, bias, sel, prob_acc);
+    return limit;
   }
-  // No finite maximum: p follows SoftmaxStats::prob's limits (sum_exp counts the +inf entries).
-  T count = 0;
-  for (int j = 0; j < n; ++j) count += st.max_z == pos_inf<T>() && sel[j] == pos_inf<T>() ? T(1) : T(0);
-  st.sum_exp = st.n_pos_inf = count;
-  for (int j = 0; j < n; ++j) {
-    const T p = st.prob(val[j]);
-    if (prob_acc != nullptr) prob_acc[j] += p;
-    T score = by_prob ? p : st.z(val[j]);
-    if (bias != nullptr) score += bias[j];
-    sel[j] = routing_value(score);
-  }
+  st.sum_exp = st.n_pos_inf = exp_row(n, sel, st.max_z);
+  score_row(n, opt.gating == Gating::kSoftmaxTopK, val, st.scale, st.sum_exp, bias, sel, prob_acc);
   return st;
+}
+
+// The forward of tokens [begin, end) on one thread; `counts` and `prob_acc` (or null)
+// are the thread's partials, the other buffers its scratch.
+template <typename T>
+MOEPP_CPU_CLONES void route_range(const RouterOptions& opt, const ForwardArgs<T>& a, const ResidualRows<T>& g,
+                                  int64_t begin, int64_t end, T* sel, T* acc, T* routed, T* prob_acc,
+                                  int64_t* counts) {
+  const int n = opt.num_experts;
+  const int k = opt.top_k;
+  int32_t ids[kMaxTopK];
+  T gates[kMaxTopK];
+  for (int64_t t = begin; t < end; ++t) {
+    const T* logits = a.logits + t * n;
+    if (a.G != nullptr) {  // l' first, then route it as logits without a residual: the same values
+      T* out = a.logits_out != nullptr ? a.logits_out + t * n : routed;
+      add_residual(n, g, logits, a.prev + t * n, acc, out);
+      logits = out;
+    }
+    const SoftmaxStats<T> st = route_scores_row(opt, logits, a.bias, sel, prob_acc);
+    select_top_k_cpu(n, k, sel, ids);
+    route_weights(opt, st, logits, ids, gates);
+    for (int s = 0; s < k; ++s) {
+      a.ids[t * k + s] = ids[s];
+      a.weights[t * k + s] = gates[s];
+      ++counts[ids[s]];
+    }
+  }
 }
 }  // namespace
 
 template <typename T>
 void forward_cpu(const RouterOptions& opt, const ForwardArgs<T>& a, int num_threads) {
   const int n = opt.num_experts;
-  const int k = opt.top_k;
   const int workers = choose_workers(a.tokens, num_threads, kTokensPerWorker);
-  std::vector<std::vector<T>> prob(workers, std::vector<T>(a.prob_partials != nullptr ? n : 0, T(0)));
+  const bool tiles = n <= kTileMaxExperts;
+  // Per worker: slot counts and sums of p (per expert, and per lane for the tiles).
+  const size_t prob_size = a.prob_partials == nullptr ? 0 : tiles ? static_cast<size_t>(n) * kTileTokens : n;
+  std::vector<std::vector<T>> prob(workers, std::vector<T>(prob_size, T(0)));
   std::vector<std::vector<int64_t>> counts(workers, std::vector<int64_t>(n, 0));
-  const int ld = (n + kLanes - 1) / kLanes * kLanes;
-  std::vector<T> gt(a.G != nullptr ? static_cast<size_t>(n) * ld : 0, T(0));
-  for (int j = 0; a.G != nullptr && j < n; ++j) {
-    for (int m = 0; m < n; ++m) gt[static_cast<size_t>(m) * ld + j] = a.G[static_cast<int64_t>(j) * n + m];
-  }
+  const ResidualRows<T> g(a.G, n);
   parallel_for(a.tokens, workers, [&](int w, int64_t begin, int64_t end) {
-    std::vector<T> sel(n), acc(a.G != nullptr ? ld : 0), routed(a.G != nullptr && a.logits_out == nullptr ? n : 0);
-    int32_t ids[kMaxTopK];
-    T gates[kMaxTopK];
     T* prob_acc = a.prob_partials != nullptr ? prob[w].data() : nullptr;
-    for (int64_t t = begin; t < end; ++t) {
-      const T* logits = a.logits + t * n;
-      if (a.G != nullptr) {  // l' first, then route it as logits without a residual: the same values
-        T* out = a.logits_out != nullptr ? a.logits_out + t * n : routed.data();
-        add_residual(n, ld, logits, a.prev + t * n, gt.data(), acc.data(), out);
-        logits = out;
-      }
-      const SoftmaxStats<T> st = route_scores_row(opt, logits, a.bias, sel.data(), prob_acc);
-      select_top_k_cpu(n, k, sel.data(), ids);
-      route_weights(opt, st, logits, ids, gates);
-      for (int s = 0; s < k; ++s) {
-        a.ids[t * k + s] = ids[s];
-        a.weights[t * k + s] = gates[s];
-        ++counts[w][ids[s]];
-      }
-    }
+    if (tiles) return forward_tiles(opt, a, g, begin, end, counts[w].data(), prob_acc);
+    std::vector<T> sel(n), acc(a.G != nullptr ? g.ld : 0), routed(a.G != nullptr && a.logits_out == nullptr ? n : 0);
+    route_range(opt, a, g, begin, end, sel.data(), acc.data(), routed.data(), prob_acc, counts[w].data());
   });
   for (int j = 0; j < n; ++j) {
     int64_t c = 0;
     T p = 0;
     for (int w = 0; w < workers; ++w) {
       c += counts[w][j];
-      if (a.prob_partials != nullptr) p += prob[w][j];
+      if (a.prob_partials == nullptr) continue;
+      if (!tiles) p += prob[w][j];
+      for (int l = 0; tiles && l < kTileTokens; ++l) p += prob[w][static_cast<size_t>(j) * kTileTokens + l];
     }
     a.counts[j] = static_cast<int32_t>(c);
     if (a.prob_partials != nullptr) a.prob_partials[j] = p;

@@ -239,6 +239,21 @@ MOEPP_HD void slot_gates(const RouterOptions& opt, const SoftmaxStats<T>& st, co
   for_each_slot(k, [&](int s) { gates[s] = total > T(0) ? gates[s] / total : T(0); });
 }
 
+// From the statistics of l' in `val` (with a finite softmax, `sel` holds
+// exp(z_j - max_z), as softmax_stats leaves it): p_j, added into `prob_acc` when
+// given, and the selection score routing_value(p_j or z_j, + bias_j) into `sel`.
+template <class Group, typename T>
+MOEPP_HD void selection_scores(const Group& g, const RouterOptions& opt, const SoftmaxStats<T>& st, const T* val,
+                               const T* bias, T* sel, T* prob_acc) {
+  for (int j = g.rank(); j < opt.num_experts; j += Group::kSize) {
+    const T pj = st.finite_softmax() ? sel[j] / st.sum_exp : st.prob(val[j]);
+    if (prob_acc != nullptr) prob_acc[j] += pj;
+    T score = opt.gating == Gating::kSoftmaxTopK ? pj : st.z(val[j]);
+    if (bias != nullptr) score += bias[j];
+    sel[j] = routing_value(score);
+  }
+}
+
 // Forward for one token, first part. On entry `val` holds l (or, with a
 // residual, the group has staged r in `sel` and `prev_g` points at G with row
 // stride ldg). Writes l' = l + r·Gᵀ into `val` (and `logits_out` when given),
@@ -260,13 +275,7 @@ MOEPP_HD SoftmaxStats<T> route_scores(const Group& g, const RouterOptions& opt, 
   }
   g.sync();
   const SoftmaxStats<T> st = softmax_stats(g, opt, val, sel);
-  for (int j = g.rank(); j < n; j += Group::kSize) {
-    const T pj = st.finite_softmax() ? sel[j] / st.sum_exp : st.prob(val[j]);  // sel[j] = exp(z_j - max)
-    if (prob_acc != nullptr) prob_acc[j] += pj;
-    T score = opt.gating == Gating::kSoftmaxTopK ? pj : st.z(val[j]);
-    if (bias != nullptr) score += bias[j];
-    sel[j] = routing_value(score);
-  }
+  selection_scores(g, opt, st, val, bias, sel, prob_acc);
   return st;
 }
 
