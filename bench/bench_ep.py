@@ -1,5 +1,5 @@
-"""Expert parallelism on 2 gloo ranks (CPU processes; NCCL when there are 2+ GPUs is
-for a later run): per token, the bytes that cross the wire for the MoE++ EP layer
+"""Expert parallelism on 2 ranks, gloo over CPU processes and, where 2+ GPUs are present,
+NCCL with a GPU per rank: per token, the bytes that cross the wire for the MoE++ EP layer
 vs a vanilla-MoE EP layer with the same FFN experts and vs "zero-computation slots
 remapped to expert 0 with weight 0" (how vLLM / SGLang run LongCat-Flash's
 identity experts), over the tau sweep; and the step time (forward + backward, the
@@ -79,7 +79,9 @@ class WireMeter:
 
 def step_ms(layers: dict, x: torch.Tensor, reps: int) -> dict:
     """{impl: median step ms of the slowest rank}, the layers' steps interleaved (a, b, a, b, ...)
-    so that the VM's drifting speed weighs on both alike."""
+    so that the VM's drifting speed weighs on both alike; on a GPU each step is timed from a
+    synchronised start to its synchronised end."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     def step(layer):  # a training step's layer work: grads start unset, as after zero_grad(set_to_none=True)
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
@@ -91,27 +93,32 @@ def step_ms(layers: dict, x: torch.Tensor, reps: int) -> dict:
         step(layer)
     for _ in range(reps):
         for impl, layer in layers.items():
+            sync()
             dist.barrier()
             start = time.perf_counter()
             step(layer)
+            sync()
             times[impl].append(time.perf_counter() - start)
     out = {}
     for impl, t in times.items():
-        worst = torch.tensor(statistics.median(t) * 1e3)
+        worst = torch.tensor(statistics.median(t) * 1e3, device=x.device)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
         out[impl] = float(worst)
     return out
 
 
-def run_rank(rank: int, port: int, size: dict, biases: dict, results) -> None:
+def run_rank(rank: int, port: int, backend: str, size: dict, biases: dict, results) -> None:
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                                 timeout=timedelta(seconds=120))
         torch.set_num_threads(1)
         meter = WireMeter()
         dist.all_to_all_single = meter
         cfg = layout(size)
-        x = inputs(cfg, size["tokens"], rank)
+        x = inputs(cfg, size["tokens"], rank).to(device)
         out = {}
         expert0_rank = next(r for r, (lo, hi) in enumerate(expert_ranges(cfg.n_ffn, WORLD)) if lo <= 0 < hi)
         for tau, bias in biases.items():
@@ -125,6 +132,7 @@ def run_rank(rank: int, port: int, size: dict, biases: dict, results) -> None:
                         full.up.copy_(donor.up)
                         full.down.copy_(donor.down)
                         full.router.gate_weight.copy_(donor.router.gate_weight[:c.n_experts])
+                full = full.to(device)
                 layers[impl] = layer = ExpertParallelMoEPPLayer.from_layer(full)
                 meter.bytes = 0
                 with torch.no_grad():
@@ -141,7 +149,7 @@ def run_rank(rank: int, port: int, size: dict, biases: dict, results) -> None:
                 per_impl[impl]["median_ms"] = ms
             totals = {}
             for impl, r in per_impl.items():
-                b = torch.tensor(float(r["fwd_bytes"]))
+                b = torch.tensor(float(r["fwd_bytes"]), device=device)
                 dist.all_reduce(b)
                 totals[impl] = {"median_ms": r["median_ms"],
                                 "wire_bytes_per_token": float(b) / (WORLD * size["tokens"]),
@@ -157,8 +165,21 @@ def run_rank(rank: int, port: int, size: dict, biases: dict, results) -> None:
             dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def bench_expert_parallel(record_result, quick):
+def backend_skip(backend: str):
+    """Why this backend cannot run here, or None."""
+    if not dist.is_available():
+        return "needs torch.distributed"
+    if backend == "gloo":
+        return None if dist.is_gloo_available() else "needs gloo"
+    if not dist.is_nccl_available() or torch.cuda.device_count() < WORLD:
+        return f"NCCL needs {WORLD} GPUs"
+    return None
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def bench_expert_parallel(record_result, quick, backend):
+    if backend_skip(backend):
+        pytest.skip(backend_skip(backend))
     size = SIZES["quick" if quick else "full"]
     cfg = layout(size)
     biases = {tau: calibrate(cfg, tau, size["tokens"]) for tau in TAUS}
@@ -167,7 +188,7 @@ def bench_expert_parallel(record_result, quick):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=run_rank, args=(r, port, size, biases, results)) for r in range(WORLD)]
+    procs = [ctx.Process(target=run_rank, args=(r, port, backend, size, biases, results)) for r in range(WORLD)]
     for p in procs:
         p.start()
     try:
@@ -180,7 +201,8 @@ def bench_expert_parallel(record_result, quick):
     failures = [r for r in reports.values() if isinstance(r, str)]
     assert not failures, "\n".join(failures)
     for tau, impls in reports[0].items():
-        case = f"ep gloo W={WORLD} 0.6b-layout D={size['d']} T={size['tokens']}/rank tau={tau:.2f}"
+        case = f"ep {backend} W={WORLD} 0.6b-layout D={size['d']} T={size['tokens']}/rank tau={tau:.2f}"
         for impl, r in impls.items():
-            record_result(case, impl, {"device": "cpu", "tau": tau, "ideal_speedup": ideal_speedup(cfg, tau),
+            record_result(case, impl, {"device": "cuda" if backend == "nccl" else "cpu", "tau": tau,
+                                       "ideal_speedup": ideal_speedup(cfg, tau),
                                        "target_ffn_share": 1.0 - target_share(cfg, tau), **r})
