@@ -10,6 +10,7 @@
 #include "cuda/arch_support.h"
 #include "cuda/shared_memory.h"
 #include "gemm/grouped_gemm.h"
+#include "host_memory.h"
 #include "moe/combine.h"
 #include "moe/ffn_pointwise.h"
 #include "moe/plan.h"
@@ -59,6 +60,8 @@ bool built_with_cuda() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moepp_kernels C++/CUDA kernels (torch-free; tensors cross as TensorView)";
   m.def("built_with_cuda", &built_with_cuda);
+  m.def("advise_huge_pages", &moepp::advise_huge_pages, py::arg("data"), py::arg("bytes"),
+        "madvise(MADV_HUGEPAGE) over the whole 2 MiB pages of a host range; the bytes advised");
   // What the build compiled and where it runs (csrc/cuda/arch_support.h).
   m.def("cuda_archs", [] { return moepp::cuda::split_archs(MOEPP_CUDA_ARCH_LIST); });
   m.def(

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import _C, grouped_gemm
-from .._tensors import stream_handle, view
+from .._tensors import new_buffer, stream_handle, view
 
 
 def _gather(x: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
@@ -58,8 +58,8 @@ def _torch_forward(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets
     """The torch backend's forward, one expert at a time: (y, h or None)."""
     slices, widest = _expert_slices(offsets)
     rows, inner = row_src.shape[0], down.shape[2]
-    y = x.new_empty((rows, x.shape[1]))
-    h = x.new_empty((rows, 2 * inner)) if keep_h else None
+    y = new_buffer(x, (rows, x.shape[1]))
+    h = new_buffer(x, (rows, 2 * inner)) if keep_h else None
     xg_buf = x.new_empty((widest, x.shape[1]))
     h_buf = None if keep_h else x.new_empty((widest, 2 * inner))
     a_buf = x.new_empty((widest, inner))
@@ -79,8 +79,8 @@ def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tens
     threads, stream = torch.get_num_threads(), stream_handle(x.device)
     slices, widest = _expert_slices(offsets)
     inner = down.shape[2]
-    grad_up, grad_down = torch.empty_like(up), torch.empty_like(down)
-    dxg = x.new_empty((row_src.shape[0], x.shape[1]))
+    grad_up, grad_down = new_buffer(up, up.shape), new_buffer(down, down.shape)
+    dxg = new_buffer(x, (row_src.shape[0], x.shape[1]))
     da_buf, a_buf = x.new_empty((widest, inner)), x.new_empty((widest, inner))
     dh_buf, xg_buf = x.new_empty((widest, 2 * inner)), x.new_empty((widest, x.shape[1]))
     for e, lo, hi, count in slices:
@@ -97,7 +97,7 @@ def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tens
         xg = _gather(x, row_src[lo:hi], count, top_k, scale, out=xg_buf[:n])
         torch.matmul(dh.t(), xg, out=grad_up[e])
         torch.matmul(dh, up[e], out=dxg[lo:hi])
-    grad_x = torch.empty_like(x)
+    grad_x = new_buffer(x, x.shape)
     _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
     return grad_x, grad_up, grad_down
 
