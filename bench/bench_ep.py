@@ -77,6 +77,20 @@ class WireMeter:
         return self.inner(output, input, output_split_sizes, input_split_sizes, **kwargs)
 
 
+def predicted_bytes(cfg: MoEPPConfig, layer: MoEPPLayer, x: torch.Tensor, rank: int) -> int:
+    """The bytes an EP forward should put on the wire for this rank's tokens and no more: a row of x
+    to, and a result row back from, each rank holding the expert of one of its FFN slots (summed over
+    the ranks, exactly what they send), and its per-expert counts for the other ranks (int64)."""
+    ranges = expert_ranges(cfg.n_ffn, WORLD)
+    owner = torch.tensor([r for r, (lo, hi) in enumerate(ranges) for _ in range(lo, hi)], device=x.device)
+    with torch.no_grad():
+        ids = fused_router(layer.router.gate_logits(x), cfg).topk_ids.long()
+    ffn = ids < cfg.n_ffn
+    remote = int((ffn & (owner[ids.clamp(max=cfg.n_ffn - 1)] != rank)).sum())
+    lo, hi = ranges[rank]
+    return 2 * remote * x.shape[1] * x.element_size() + (cfg.n_ffn - (hi - lo)) * 8
+
+
 def step_ms(layers: dict, x: torch.Tensor, reps: int) -> dict:
     """{impl: median step ms of the slowest rank}, the layers' steps interleaved (a, b, a, b, ...)
     so that the VM's drifting speed weighs on both alike; on a GPU each step is timed from a
@@ -137,23 +151,27 @@ def run_rank(rank: int, port: int, backend: str, size: dict, biases: dict, resul
                 meter.bytes = 0
                 with torch.no_grad():
                     layer(x)
-                per_impl[impl] = {"fwd_bytes": meter.bytes}
+                per_impl[impl] = {"fwd_bytes": meter.bytes, "predicted_bytes": predicted_bytes(c, full, x, rank)}
                 if impl == "moepp_ep":
                     share = zc_share(cfg, full, x)
                     zc_slots = round(share * size["tokens"] * cfg.top_k)
                     # remapped to expert 0 with weight 0: zc slots travel to expert 0's rank and back
                     extra = 0 if rank == expert0_rank else 2 * zc_slots * cfg.hidden_size * 4
-                    per_impl["remap_ep"] = {"fwd_bytes": meter.bytes + extra, "median_ms": float("nan")}
+                    per_impl["remap_ep"] = {"fwd_bytes": meter.bytes + extra,
+                                            "predicted_bytes": per_impl[impl]["predicted_bytes"] + extra,
+                                            "median_ms": float("nan")}
                     per_impl[impl]["measured_ffn_share"] = 1.0 - share
             for impl, ms in step_ms(layers, x, size["reps"]).items():
                 per_impl[impl]["median_ms"] = ms
             totals = {}
             for impl, r in per_impl.items():
-                b = torch.tensor(float(r["fwd_bytes"]), device=device)
+                b = torch.tensor([float(r["fwd_bytes"]), float(r["predicted_bytes"])], device=device)
                 dist.all_reduce(b)
                 totals[impl] = {"median_ms": r["median_ms"],
-                                "wire_bytes_per_token": float(b) / (WORLD * size["tokens"]),
-                                **{k: v for k, v in r.items() if k not in ("fwd_bytes", "median_ms")}}
+                                "wire_bytes_per_token": float(b[0]) / (WORLD * size["tokens"]),
+                                "wire_bytes_vs_predicted": float(b[0] / b[1]) if float(b[1]) else 1.0,
+                                **{k: v for k, v in r.items()
+                                   if k not in ("fwd_bytes", "predicted_bytes", "median_ms")}}
             out[tau] = totals
         results.put((rank, out))
     except BaseException:  # noqa: B036 (report anything to the parent)

@@ -201,6 +201,8 @@ def _derived(impls: dict) -> dict:
         out["fraction_of_ideal"] = out["speedup_vs_vanilla_ep"] / moepp["ideal_speedup"]
         out["bytes_vs_vanilla_ep"] = moepp["wire_bytes_per_token"] / vanilla["wire_bytes_per_token"]
         out["ffn_share"] = moepp["measured_ffn_share"]
+        if "wire_bytes_vs_predicted" in moepp:  # 1.0: only remote FFN rows and the counts crossed the wire
+            out["bytes_vs_predicted"] = {k: impls[k]["wire_bytes_vs_predicted"] for k in ("moepp_ep", "vanilla_ep")}
         if "remap_ep" in impls:
             out["bytes_vs_remap_ep"] = moepp["wire_bytes_per_token"] / impls["remap_ep"]["wire_bytes_per_token"]
     for peer in ("released_loop", "hf_longcat"):  # the layer against what users run without us
@@ -269,7 +271,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                         f"wire bytes {derived['bytes_vs_vanilla_ep']:.3f}x vanilla EP's (FFN share "
                         f"{derived['ffn_share']:.3f})"
                         + (f", {derived['bytes_vs_remap_ep']:.3f}x remap-to-expert-0's"
-                           if "bytes_vs_remap_ep" in derived else ""))
+                           if "bytes_vs_remap_ep" in derived else "")
+                        + (f"; {derived['bytes_vs_predicted']['moepp_ep']:.4f}x its remote FFN rows + counts"
+                           if "bytes_vs_predicted" in derived else ""))
             elif impl == "swapped" and "speedup_vs_original" in derived:
                 note = f"{derived['speedup_vs_original']:.2f}x the model's own MoE modules"
             elif "share_of_layer" in derived and impl in derived["share_of_layer"]:

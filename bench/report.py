@@ -104,6 +104,8 @@ def render(summary: dict) -> str:
     ep = simple_rows(cases, "ep ", lambda n, c: (
         f"- {n}: wire bytes {c['bytes_vs_vanilla_ep']:.3f}x vanilla EP's (FFN share {c['ffn_share']:.3f})"
         + (f", {c['bytes_vs_remap_ep']:.3f}x remap-to-expert-0's" if "bytes_vs_remap_ep" in c else "")
+        + (f", {c['bytes_vs_predicted']['moepp_ep']:.4f}x the bytes of its FFN rows for other ranks and the "
+           "counts" if "bytes_vs_predicted" in c else "")
         + f"; step {c['speedup_vs_vanilla_ep']:.2f}x vanilla EP (ideal {c['ideal_speedup']:.2f}x, "
         f"{c['fraction_of_ideal']:.2f} of it)"))
     for title, rows in (("Layer", layer), ("Grouped GEMM", gemm), ("Decode", decode), ("Router", router),
