@@ -62,6 +62,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("built_with_cuda", &built_with_cuda);
   m.def("advise_huge_pages", &moepp::advise_huge_pages, py::arg("data"), py::arg("bytes"),
         "madvise(MADV_HUGEPAGE) over the whole 2 MiB pages of a host range; the bytes advised");
+  // Host blocks expose the buffer protocol: torch.frombuffer wraps one and keeps it alive as
+  // long as the tensor's storage lives; then it goes back to the cache (csrc/host_memory.h).
+  py::class_<moepp::HostBlock>(m, "HostBlock", py::buffer_protocol())
+      .def_buffer([](moepp::HostBlock& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.bytes())}, {py::ssize_t(1)});
+      });
+  m.def("host_block", &moepp::acquire_host_block, py::arg("bytes"),
+        "an uninitialised host block of at least `bytes`, from the cache where one fits");
+  m.def("set_host_cache_limit", &moepp::set_host_cache_limit, py::arg("bytes"));
+  m.def("host_cache_limit", &moepp::host_cache_limit);
+  m.def("host_cache_bytes", &moepp::host_cache_bytes);
+  m.def("empty_host_cache", &moepp::empty_host_cache);
   // What the build compiled and where it runs (csrc/cuda/arch_support.h).
   m.def("cuda_archs", [] { return moepp::cuda::split_archs(MOEPP_CUDA_ARCH_LIST); });
   m.def(

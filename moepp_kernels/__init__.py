@@ -2,7 +2,7 @@
 
 import torch  # noqa: F401  (first: _C then binds to torch's OpenMP runtime, see csrc/parallel.h)
 
-from . import reference
+from . import host_cache, reference
 from ._C import built_with_cuda
 from .combine import combine
 from .config import MoEPPConfig
@@ -24,6 +24,7 @@ __all__ = [
     "combine",
     "expert_ffn",
     "fused_router",
+    "host_cache",
     "load_balance_loss",
     "moepp_layer",
     "reference",

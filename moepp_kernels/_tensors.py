@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,18 +24,21 @@ DTYPE_CODES = {
 }
 
 
-# glibc maps a host buffer larger than this afresh on every allocation (its largest mmap threshold).
-FRESH_MAPPING_BYTES = 32 * 2**20
+# glibc maps a host buffer afresh above its mmap threshold (which moves between 128 KiB and
+# 32 MiB) and hands freed memory at its heap's top back to the kernel: a host buffer of more than
+# this comes from the host block cache instead, so its pages are faulted in once, not every step.
+CACHED_BUFFER_BYTES = 4 * 2**20
 
 
 def new_buffer(like: Tensor, shape: Sequence[int]) -> Tensor:
-    """like.new_empty(shape). On the CPU, a buffer glibc maps afresh (over 32 MiB: an expert
-    FFN's h, its weight gradients) is first advised onto transparent huge pages, so that writing
-    it costs a page fault per 2 MiB instead of one per 4 KiB."""
-    t = like.new_empty(shape)
-    if t.device.type == "cpu" and t.nbytes > FRESH_MAPPING_BYTES:
-        _C.advise_huge_pages(t.data_ptr(), t.nbytes)
-    return t
+    """like.new_empty(shape). On the CPU, a buffer of over 4 MiB (an expert FFN's y and h, its
+    weight gradients) is a block of the host cache (moepp_kernels.host_cache): pages a freed
+    buffer of its size already faulted in, else a new mapping on transparent huge pages."""
+    numel = math.prod(shape)
+    if like.device.type != "cpu" or numel * like.element_size() <= CACHED_BUFFER_BYTES:
+        return like.new_empty(shape)
+    block = _C.host_block(numel * like.element_size())
+    return torch.frombuffer(block, dtype=like.dtype, count=numel).view(shape)
 
 
 def check_tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype], shape: Sequence[int | None] | None = None,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from .._tensors import stream_handle, view
+from .._tensors import new_buffer, stream_handle, view
 from ..config import MoEPPConfig
 from . import per_config
 
@@ -53,7 +53,7 @@ def combine_backward(grad_out: Tensor, x: Tensor, y: Tensor, topk_ids: Tensor, t
     tokens, k = topk_ids.shape
     n_const = const_value.shape[0]
     grad_x = torch.empty_like(x)
-    grad_y = torch.zeros_like(y)  # rows no slot reads get their true gradient, 0
+    grad_y = new_buffer(y, y.shape).zero_()  # rows no slot reads get their true gradient, 0
     grad_weights = topk_weights.new_empty((tokens, k))
     grad_logits = const_logits.new_empty((tokens, 2 * n_const))
     v_coef = const_logits.new_empty((tokens, n_const))

@@ -16,9 +16,10 @@ moepp::expert_ffn_inference keeps no h at all: the Triton backend skips writing 
 The torch backend runs one expert at a time (it reads the offsets on the host
 anyway): each expert's gathered rows, SwiGLU output and gradients live in
 expert-sized buffers reused from expert to expert, so only y, h (when kept),
-the row gradients and the weight gradients span all rows. On the CPU that
-spares the page faults of fresh plan-sized temporaries, which cost as much as
-the pointwise kernels themselves.
+the row gradients and the weight gradients span all rows, and on the CPU those
+come from the host block cache (moepp_kernels.host_cache) when large. That
+spares the page faults of fresh temporaries, which cost as much as the
+pointwise kernels themselves.
 """
 
 from typing import Optional, Tuple
