@@ -37,11 +37,12 @@ def drop_stale_cache(build_dir: Path, ninja: str) -> None:
     cache = build_dir / "CMakeCache.txt"
     if not cache.exists():
         return
-    entries = dict(
-        line.split("=", 1) for line in cache.read_text(errors="replace").splitlines() if "=" in line and ":" in line
-    )
-    recorded_cmake = entries.get("CMAKE_COMMAND:INTERNAL", "")
-    if not Path(recorded_cmake).exists() or entries.get("CMAKE_MAKE_PROGRAM:FILEPATH") != ninja:
+    entries = {}  # NAME:TYPE=VALUE; a -D entry's type is UNINITIALIZED, a found program's FILEPATH
+    for line in cache.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and ":" in key and not key.startswith(("#", "//")):
+            entries[key.split(":", 1)[0]] = value
+    if not Path(entries.get("CMAKE_COMMAND", "")).exists() or entries.get("CMAKE_MAKE_PROGRAM") != ninja:
         cache.unlink()
 
 
