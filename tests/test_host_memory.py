@@ -140,11 +140,14 @@ def test_a_block_needs_a_positive_size():
         _C.host_block(0)
 
 
-def test_the_limit_comes_from_the_environment():
+def test_the_limit_comes_from_the_environment(tmp_path):
+    """In a fresh interpreter, run outside the source tree (whose moepp_kernels/ has no built _C
+    after a non-editable install)."""
     code = "from moepp_kernels import host_cache; print(host_cache.host_cache_limit())"
     env = {**os.environ, "MOEPP_HOST_CACHE_MB": "3"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     assert int(out.stdout) == 3 * 2**20
     env["MOEPP_HOST_CACHE_MB"] = "lots"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode != 0 and "MOEPP_HOST_CACHE_MB" in bad.stderr
