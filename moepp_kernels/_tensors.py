@@ -35,10 +35,10 @@ def new_buffer(like: Tensor, shape: Sequence[int]) -> Tensor:
     weight gradients) is a block of the host cache (moepp_kernels.host_cache): pages a freed
     buffer of its size already faulted in, else a new mapping on transparent huge pages."""
     numel = math.prod(shape)
-    if like.device.type != "cpu" or numel * like.element_size() <= CACHED_BUFFER_BYTES:
+    nbytes = numel * like.element_size()
+    if like.device.type != "cpu" or nbytes <= CACHED_BUFFER_BYTES:
         return like.new_empty(shape)
-    block = _C.host_block(numel * like.element_size())
-    return torch.frombuffer(block, dtype=like.dtype, count=numel).view(shape)
+    return torch.frombuffer(_C.host_block(nbytes), dtype=like.dtype, count=numel).view(shape)
 
 
 def check_tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype], shape: Sequence[int | None] | None = None,
