@@ -203,6 +203,35 @@ def test_no_tokens(device):
     assert logits.grad.shape == (0, 20)
 
 
+
+def long_row_logits(kind, tokens, n, g):
+    logits = torch.randn(tokens, n, generator=g).mul_(2)
+    if kind == "coarse":  # values on a grid of 0.5: many exact ties among the best
+        return logits.mul_(2).round_().div_(2)
+    if kind == "flat_top":  # 70 equal best entries: more candidates than the selection keeps apart
+        return logits.clamp_(max=1.0).index_fill_(1, torch.randperm(n, generator=g)[:70], 3.0)
+    if kind == "mostly_masked":  # all but 5 entries -inf: fewer finite scores than k
+        keep = torch.rand(tokens, n, generator=g).argsort(-1)[:, :5]
+        return torch.full_like(logits, float("-inf")).scatter_(1, keep, logits.gather(1, keep))
+    if kind == "nan":
+        return logits.masked_fill_(torch.rand(tokens, n, generator=g) < 0.2, float("nan"))
+    return logits
+
+
+# The CPU's selection for long rows (N >= 128, k > 2: column maxima bound the k-th
+# best, then only entries reaching the bound are ranked) against the reference's
+# stable sort: N = 128 (the shortest such row), 257 (a tail past the columns), 1024.
+@pytest.mark.parametrize("n", [128, 257, 1024])
+@pytest.mark.parametrize("k", [3, 12, 16])
+@pytest.mark.parametrize("kind", ["random", "coarse", "flat_top", "mostly_masked", "nan"])
+def test_long_rows_select_as_the_reference(n, k, kind):
+    cfg = MoEPPConfig(hidden_size=8, ffn_size=8, n_ffn=n - 3, n_constant=1, n_copy=1, n_zero=1, top_k=k)
+    logits = long_row_logits(kind, 64, n, torch.Generator().manual_seed(n * k))
+    out = fused_router(logits, cfg)
+    ref = R.route(logits, cfg)
+    assert torch.equal(out.topk_ids.long(), ref.topk_ids)
+    assert_close(out.topk_weights, ref.topk_weights, torch.float32)
+
 # --- bad input --------------------------------------------------------------------------------
 
 CFG = MoEPPConfig.moepp_7b()

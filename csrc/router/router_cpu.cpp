@@ -63,36 +63,82 @@ MOEPP_ROW_INLINE void select_top_k_serial(int n, int k, const T* score, int32_t*
   for (int j = 0; j < n; ++j) list.offer(score[j], j);
 }
 
-// Maxima of the row's blocks of kLanes (block b: entries [b * kLanes, (b + 1) * kLanes)).
+// The same selection for long rows, in loops without data-dependent branches.
+// The row's first kColumns * (n / kColumns) entries, read as rows of kColumns, give
+// kColumns column maxima; the k largest of them are k distinct entries, so the
+// k-th best entry is at least the k-th largest maximum t. Only entries reaching t
+// can win (about 1.2 k of them on random rows), and an entry's place is the number
+// of those that beat it (a higher score, or an equal one at a lower id), as
+// `better` orders them. More than kMaxCandidates (ties at t) fall back to the
+// serial pass. The insertion's branches mispredict on random rows; these loops
+// vectorise, except the candidates' gather.
+constexpr int kColumns = 32;
+constexpr int kMaxCandidates = 64;
+constexpr int kRankLanes = 8;
+static_assert(kMaxTopK <= kColumns, "the column maxima must hold k distinct entries");
+
 template <typename T>
-MOEPP_ROW_INLINE void block_maxima(int blocks, const T* __restrict score, T* __restrict maxima) {
-  for (int b = 0; b < blocks; ++b) {
-    T m = score[b * kLanes];
-    for (int l = 1; l < kLanes; ++l) m = score[b * kLanes + l] > m ? score[b * kLanes + l] : m;
-    maxima[b] = m;
+MOEPP_ROW_INLINE T kth_largest_column_maximum(int n, int k, const T* __restrict score) {
+  T maxima[kColumns];
+  for (int c = 0; c < kColumns; ++c) maxima[c] = score[c];
+  for (int r = 1; r < n / kColumns; ++r) {
+    const T* row = score + static_cast<int64_t>(r) * kColumns;
+    for (int c = 0; c < kColumns; ++c) maxima[c] = row[c] > maxima[c] ? row[c] : maxima[c];
   }
+  // The smallest maximum that fewer than k others exceed (the counts for all
+  // maxima at once, a vector of them per maximum c).
+  int above[kColumns] = {};
+  for (int c = 0; c < kColumns; ++c) {
+    const T m = maxima[c];
+    for (int i = 0; i < kColumns; ++i) above[i] += m > maxima[i] ? 1 : 0;
+  }
+  T threshold = std::numeric_limits<T>::infinity();
+  for (int i = 0; i < kColumns; ++i) {
+    const T m = above[i] < k ? maxima[i] : std::numeric_limits<T>::infinity();
+    threshold = m < threshold ? m : threshold;
+  }
+  return threshold;
 }
 
-// The same selection for long rows. The k largest block maxima are k distinct
-// entries, so the k-th best entry is at least the k-th largest block maximum t:
-// only entries reaching t in blocks whose maximum reaches t (k of them, more with
-// ties), and the tail, can win, and only they are offered, still in id order. The full
-// row's insertion branches mispredict on random rows; the maxima vectorise.
+// Bit c of the mask: row[c] >= threshold (a loop of compares that vectorises).
 template <typename T>
-MOEPP_ROW_INLINE void select_top_k_blocked(int n, int k, const T* score, int32_t* ids) {
-  const int blocks = n / kLanes;
-  T maxima[kMaxExperts / kLanes];
-  block_maxima(blocks, score, maxima);
-  select_top_k_serial(blocks, k, maxima, ids);
-  const T threshold = maxima[ids[k - 1]];
-  BestFirst<T> list{k, ids};
-  for (int b = 0; b < blocks; ++b) {
-    if (!(maxima[b] >= threshold)) continue;
-    for (int j = b * kLanes; j < (b + 1) * kLanes; ++j) {
-      if (score[j] >= threshold) list.offer(score[j], j);
+MOEPP_ROW_INLINE uint32_t reaching(const T* __restrict row, T threshold) {
+  uint32_t mask = 0;
+  for (int c = 0; c < kColumns; ++c) mask |= (row[c] >= threshold ? 1u : 0u) << c;
+  return mask;
+}
+
+template <typename T>
+MOEPP_ROW_INLINE void select_top_k_columns(int n, int k, const T* __restrict score, int32_t* ids) {
+  const T threshold = kth_largest_column_maximum(n, k, score);
+  int32_t candidates[kMaxCandidates];
+  T value[kMaxCandidates + kRankLanes];
+  int count = 0;
+  const int whole = n / kColumns * kColumns;
+  for (int base = 0; base < whole; base += kColumns) {  // the candidates, in id order
+    for (uint32_t mask = reaching(score + base, threshold); mask != 0; mask &= mask - 1) {
+      if (count == kMaxCandidates) return select_top_k_serial(n, k, score, ids);
+      candidates[count] = base + __builtin_ctz(mask);
+      value[count] = score[candidates[count]];
+      ++count;
     }
   }
-  for (int j = blocks * kLanes; j < n; ++j) list.offer(score[j], j);
+  for (int j = whole; j < n; ++j) {
+    if (!(score[j] >= threshold)) continue;
+    if (count == kMaxCandidates) return select_top_k_serial(n, k, score, ids);
+    candidates[count] = j;
+    value[count++] = score[j];
+  }
+  // Padding to whole vectors of kRankLanes: -inf beats no candidate, and ties one
+  // only at a higher index.
+  const int padded = (count + kRankLanes - 1) / kRankLanes * kRankLanes;
+  for (int c = count; c < padded; ++c) value[c] = neg_inf<T>();
+  for (int i = 0; i < count; ++i) {
+    const T s = value[i];
+    int place = 0;
+    for (int c = 0; c < padded; ++c) place += value[c] > s || (value[c] == s && c < i) ? 1 : 0;
+    if (place < k) ids[place] = candidates[i];
+  }
 }
 
 // The same selection for small k in k passes of two vectorising loops: the best
@@ -112,7 +158,7 @@ MOEPP_ROW_INLINE int32_t take_best(int n, T* __restrict sel) {
 template <typename T>
 MOEPP_ROW_INLINE void select_top_k_cpu(int n, int k, T* sel, int32_t* ids) {
   if (k > 2) {
-    if (n >= 4 * kLanes * k) return select_top_k_blocked(n, k, sel, ids);
+    if (n >= 4 * kColumns) return select_top_k_columns(n, k, sel, ids);
     return select_top_k_serial(n, k, sel, ids);
   }
   for (int s = 0; s < k; ++s) ids[s] = take_best(n, sel);
@@ -143,27 +189,19 @@ MOEPP_ROW_INLINE T row_sum(int n, const T* __restrict v, T shift) {
   }, rows::Add{});
 }
 
-// z_j = routing_value(v_j * scale) into z; returns max_j z_j. Two loops: the
-// compiler vectorises the select and the partial maxima apart, not together.
-// routing_value's NaN rule is written out: the loop vectorises only so.
+// z_j = routing_value(v_j * scale) (its NaN rule written out: the loop vectorises
+// only so), e_j = e^(z_j - max) into e; returns Σ_j e_j.
 template <typename T>
-MOEPP_ROW_INLINE T scaled_row(int n, const T* __restrict v, T scale, T* __restrict z) {
-  for (int j = 0; j < n; ++j) {
+MOEPP_ROW_INLINE T exp_row(int n, const T* __restrict v, T scale, T max, T* __restrict e) {
+  return rows::lane_reduce<kLanes>(n, T(0), [&](int64_t j) {
     const T s = v[j] * scale;
-    z[j] = s != s ? neg_inf<T>() : s;
-  }
-  return row_max(n, z);
-}
-
-// z_j <- e^(z_j - max), in place; returns Σ_j of them.
-template <typename T>
-MOEPP_ROW_INLINE T exp_row(int n, T* __restrict z, T max) {
-  return rows::lane_reduce<kLanes>(n, T(0), [&](int64_t j) { return z[j] = softmax_exp(z[j] - max); }, rows::Add{});
+    return e[j] = softmax_exp((s != s ? neg_inf<T>() : s) - max);
+  }, rows::Add{});
 }
 
 // selection_scores for a finite softmax, e_j = e^(z_j - max) in `sel`: p_j = e_j / sum
 // (added into prob_acc when given) and the score routing_value(p_j or z_j, + bias_j)
-// back into sel, routing_value written out as in scaled_row.
+// back into sel, routing_value written out as in exp_row.
 template <typename T>
 MOEPP_ROW_INLINE void score_row(int n, bool by_prob, const T* __restrict v, T scale, T sum, const T* __restrict bias,
                                 T* __restrict sel, T* __restrict prob_acc) {
@@ -196,13 +234,15 @@ MOEPP_ROW_INLINE SoftmaxStats<T> route_scores_row(const RouterOptions& opt, cons
       st.normalized = true;
     }
   }
-  st.max_z = scaled_row(n, val, st.scale, sel);
+  // max_j z_j without storing z: scale > 0 and rounding is monotone, so
+  // max_j fl(v_j * scale) = fl(max_j v_j * scale) (NaN never wins either).
+  st.max_z = row_max(n, val) * st.scale;
   if (!st.finite_softmax()) {  // no finite maximum: the shared per-token code and its limits
     const SoftmaxStats<T> limit = softmax_stats(SerialGroup{}, opt, val, sel);
     selection_scores(SerialGroup{}, opt, limit, val, bias, sel, prob_acc);
     return limit;
   }
-  st.sum_exp = st.n_pos_inf = exp_row(n, sel, st.max_z);
+  st.sum_exp = st.n_pos_inf = exp_row(n, val, st.scale, st.max_z, sel);
   score_row(n, opt.gating == Gating::kSoftmaxTopK, val, st.scale, st.sum_exp, bias, sel, prob_acc);
   return st;
 }
