@@ -213,8 +213,11 @@ def long_row_logits(kind, tokens, n, g):
     if kind == "mostly_masked":  # all but 5 entries -inf: fewer finite scores than k
         keep = torch.rand(tokens, n, generator=g).argsort(-1)[:, :5]
         return torch.full_like(logits, float("-inf")).scatter_(1, keep, logits.gather(1, keep))
-    if kind == "nan":
-        return logits.masked_fill_(torch.rand(tokens, n, generator=g) < 0.2, float("nan"))
+    if kind == "non_finite":  # NaN entries; a row of them; +inf maxima (the softmax's limits)
+        logits.masked_fill_(torch.rand(tokens, n, generator=g) < 0.2, float("nan"))
+        logits[0] = float("nan")
+        logits[1, [3, n - 1]] = float("inf")
+        return logits
     return logits
 
 
@@ -223,7 +226,7 @@ def long_row_logits(kind, tokens, n, g):
 # stable sort: N = 128 (the shortest such row), 257 (a tail past the columns), 1024.
 @pytest.mark.parametrize("n", [128, 257, 1024])
 @pytest.mark.parametrize("k", [3, 12, 16])
-@pytest.mark.parametrize("kind", ["random", "coarse", "flat_top", "mostly_masked", "nan"])
+@pytest.mark.parametrize("kind", ["random", "coarse", "flat_top", "mostly_masked", "non_finite"])
 def test_long_rows_select_as_the_reference(n, k, kind):
     cfg = MoEPPConfig(hidden_size=8, ffn_size=8, n_ffn=n - 3, n_constant=1, n_copy=1, n_zero=1, top_k=k)
     logits = long_row_logits(kind, 64, n, torch.Generator().manual_seed(n * k))

@@ -26,10 +26,23 @@ constexpr int kLanes = 8;
 // instruction set, holds a token range's whole forward, so each loop is compiled
 // for the clone's vectors and no call per row goes through the clones' dispatch.
 
-// max_j v_j (NaN entries never win; -inf for a row of them).
+// max_j v_j (NaN entries never win; -inf for a row of them), in kMaxPartials
+// column maxima: the compiler vectorises this vertical loop, not lane_reduce's
+// maxima (any order gives the same maximum; a ±0 tie only feeds subtractions).
+constexpr int kMaxPartials = 32;
+
 template <typename T>
 MOEPP_ROW_INLINE T row_max(int n, const T* __restrict v) {
-  return rows::lane_reduce<kLanes>(n, neg_inf<T>(), [&](int64_t j) { return v[j]; }, rows::MaxOf{});
+  T part[kMaxPartials];
+  for (int c = 0; c < kMaxPartials; ++c) part[c] = neg_inf<T>();
+  int j = 0;
+  for (; j + kMaxPartials <= n; j += kMaxPartials) {
+    for (int c = 0; c < kMaxPartials; ++c) part[c] = v[j + c] > part[c] ? v[j + c] : part[c];
+  }
+  T m = neg_inf<T>();
+  for (; j < n; ++j) m = v[j] > m ? v[j] : m;
+  for (int c = 0; c < kMaxPartials; ++c) m = part[c] > m ? part[c] : m;
+  return m;
 }
 
 // select_top_k for one thread: a best-first list of k kept by insertion. An
