@@ -55,15 +55,10 @@ MOEPP_ROW_INLINE Acc lane_reduce(int64_t n, Acc init, Term term, Join join) {
   return total;
 }
 
-// lane_reduce's joins.
+// lane_reduce's join for sums.
 struct Add {
   template <typename T>
   MOEPP_ROW_INLINE T operator()(T a, T b) const { return a + b; }
-};
-// The larger of a and b; a when b is NaN or not larger (a NaN b never wins).
-struct MaxOf {
-  template <typename T>
-  MOEPP_ROW_INLINE T operator()(T a, T b) const { return b > a ? b : a; }
 };
 
 // sum_i a[i] * b[i], in 16 fp32 partial sums
