@@ -90,7 +90,8 @@ def render(summary: dict) -> str:
         + (f"{c['speedup_vs_torch_ops']:.2f}x the plain torch ops{spread(c, 'speedup_vs_torch_ops_rounds')}, "
            if "speedup_vs_torch_ops" in c else "")
         + (f"(the residual GEMM both run bounds that at {c['torch_ops_bound']:.2f}x; beyond it "
-           f"{c['speedup_vs_torch_ops_beyond_gemm']:.2f}x), " if "torch_ops_bound" in c else "")
+           + (f"{c['speedup_vs_torch_ops_beyond_gemm']:.2f}x), " if "speedup_vs_torch_ops_beyond_gemm" in c
+              else "too small to time beside the GEMM), ") if "torch_ops_bound" in c else "")
         + f"{100 * c['impls']['fused'].get('fraction_of_copy_bw', 0):.0f}% of copy bandwidth"))
     models = simple_rows(cases, "model ", lambda n, c: (
         f"- {n}: swapped {c['impls']['swapped']['tokens_per_s']:,.0f} tokens/s, "

@@ -32,6 +32,15 @@ def summary(gpu="NVIDIA H200", date="2026-11-28T00:00:00+00:00"):
                 "impls": {"fused": {"median_ms": 200.0}, "released_loop": {"median_ms": 240.0},
                           "gemm_floor": {"median_ms": 190.0}},
                 "speedup_vs_peer": 1.2, "peer": "released_loop", "fraction_of_gemm_floor": 0.95},
+            "router cpu N768_k12 T=4096 residual": {
+                "impls": {"fused": {"median_ms": 30.0}, "torch_ops": {"median_ms": 40.0},
+                          "residual_gemm": {"median_ms": 25.0}},
+                "speedup": 6.0, "speedup_vs_torch_ops": 1.33, "speedup_vs_torch_ops_rounds": [1.3, 1.4],
+                "torch_ops_bound": 1.6, "speedup_vs_torch_ops_beyond_gemm": 3.0},
+            "router cpu N768_k12 T=128 residual": {  # fused within the GEMM's spread: no ratio beyond it
+                "impls": {"fused": {"median_ms": 2.0}, "torch_ops": {"median_ms": 2.2},
+                          "residual_gemm": {"median_ms": 2.05}},
+                "speedup": 3.0, "speedup_vs_torch_ops": 1.1, "torch_ops_bound": 1.07},
             "ep gloo W=2 0.6b-layout D=768 T=2048/rank tau=0.50": {
                 "impls": {"moepp_ep": {"median_ms": 10.0}, "vanilla_ep": {"median_ms": 16.0},
                           "remap_ep": {"median_ms": float("nan")}},
@@ -52,6 +61,9 @@ def test_report_and_plot(tmp_path):
     assert "fused 200.0 ms, 1.20x released_loop, 0.95 of the experts' GEMMs alone" in text
     assert ("wire bytes 0.500x vanilla EP's (FFN share 0.500), 0.500x remap-to-expert-0's; step 1.60x vanilla EP "
             "(ideal 2.00x, 0.80 of it)") in text
+    assert ("1.33x the plain torch ops (1.30-1.40 over 2 interleaved rounds), (the residual GEMM both run bounds "
+            "that at 1.60x; beyond it 3.00x)") in text
+    assert "bounds that at 1.07x; beyond it too small to time beside the GEMM)" in text
     assert (tmp_path / "speedup_vs_tau.png").stat().st_size > 1000
 
 
