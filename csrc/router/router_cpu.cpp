@@ -26,22 +26,30 @@ constexpr int kLanes = 8;
 // instruction set, holds a token range's whole forward, so each loop is compiled
 // for the clone's vectors and no call per row goes through the clones' dispatch.
 
-// max_j v_j (NaN entries never win; -inf for a row of them), in kMaxPartials
-// column maxima: the compiler vectorises this vertical loop, not lane_reduce's
-// maxima (any order gives the same maximum; a ±0 tie only feeds subtractions).
-constexpr int kMaxPartials = 32;
+// Rows read as rows of kColumns entries: column maxima are a vertical loop the
+// compiler vectorises (lane_reduce's maxima it compiles to scalar code).
+constexpr int kColumns = 32;
 
+// maxima[c] = max over the row's whole rows of kColumns of v[r * kColumns + c]
+// (NaN entries never win; -inf where there are none); returns the entries covered.
+template <typename T>
+MOEPP_ROW_INLINE int column_maxima(int n, const T* __restrict v, T* __restrict maxima) {
+  for (int c = 0; c < kColumns; ++c) maxima[c] = neg_inf<T>();
+  const int whole = n / kColumns * kColumns;
+  for (int j = 0; j < whole; j += kColumns) {
+    for (int c = 0; c < kColumns; ++c) maxima[c] = v[j + c] > maxima[c] ? v[j + c] : maxima[c];
+  }
+  return whole;
+}
+
+// max_j v_j (NaN entries never win; -inf for a row of them). Any order gives the
+// same maximum; a ±0 tie only feeds subtractions.
 template <typename T>
 MOEPP_ROW_INLINE T row_max(int n, const T* __restrict v) {
-  T part[kMaxPartials];
-  for (int c = 0; c < kMaxPartials; ++c) part[c] = neg_inf<T>();
-  int j = 0;
-  for (; j + kMaxPartials <= n; j += kMaxPartials) {
-    for (int c = 0; c < kMaxPartials; ++c) part[c] = v[j + c] > part[c] ? v[j + c] : part[c];
-  }
+  T maxima[kColumns];
   T m = neg_inf<T>();
-  for (; j < n; ++j) m = v[j] > m ? v[j] : m;
-  for (int c = 0; c < kMaxPartials; ++c) m = part[c] > m ? part[c] : m;
+  for (int j = column_maxima(n, v, maxima); j < n; ++j) m = v[j] > m ? v[j] : m;
+  for (int c = 0; c < kColumns; ++c) m = maxima[c] > m ? maxima[c] : m;
   return m;
 }
 
@@ -77,15 +85,13 @@ MOEPP_ROW_INLINE void select_top_k_serial(int n, int k, const T* score, int32_t*
 }
 
 // The same selection for long rows, in loops without data-dependent branches.
-// The row's first kColumns * (n / kColumns) entries, read as rows of kColumns, give
-// kColumns column maxima; the k largest of them are k distinct entries, so the
+// The row's column_maxima: the k largest of them are k distinct entries, so the
 // k-th best entry is at least the k-th largest maximum t. Only entries reaching t
 // can win (about 1.2 k of them on random rows), and an entry's place is the number
 // of those that beat it (a higher score, or an equal one at a lower id), as
 // `better` orders them. More than kMaxCandidates (ties at t) fall back to the
 // serial pass. The insertion's branches mispredict on random rows; these loops
 // vectorise, except the candidates' gather.
-constexpr int kColumns = 32;
 constexpr int kMaxCandidates = 64;
 constexpr int kRankLanes = 8;
 static_assert(kMaxTopK <= kColumns, "the column maxima must hold k distinct entries");
@@ -93,11 +99,7 @@ static_assert(kMaxTopK <= kColumns, "the column maxima must hold k distinct entr
 template <typename T>
 MOEPP_ROW_INLINE T kth_largest_column_maximum(int n, int k, const T* __restrict score) {
   T maxima[kColumns];
-  for (int c = 0; c < kColumns; ++c) maxima[c] = score[c];
-  for (int r = 1; r < n / kColumns; ++r) {
-    const T* row = score + static_cast<int64_t>(r) * kColumns;
-    for (int c = 0; c < kColumns; ++c) maxima[c] = row[c] > maxima[c] ? row[c] : maxima[c];
-  }
+  column_maxima(n, score, maxima);
   // The smallest maximum that fewer than k others exceed (the counts for all
   // maxima at once, a vector of them per maximum c).
   int above[kColumns] = {};
