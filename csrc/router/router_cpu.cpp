@@ -29,6 +29,8 @@ constexpr int kLanes = 8;
 // Rows read as rows of kColumns entries: column maxima are a vertical loop the
 // compiler vectorises (lane_reduce's maxima it compiles to scalar code).
 constexpr int kColumns = 32;
+// Entries per 64-byte cache line (the stride of route_range's prefetches).
+constexpr int kPrefetchStride = 64 / sizeof(float);
 
 // maxima[c] = max over the row's whole rows of kColumns of v[r * kColumns + c]
 // (NaN entries never win; -inf where there are none); returns the entries covered.
@@ -97,22 +99,23 @@ constexpr int kRankLanes = 8;
 static_assert(kMaxTopK <= kColumns, "the column maxima must hold k distinct entries");
 
 template <typename T>
-MOEPP_ROW_INLINE T kth_largest_column_maximum(int n, int k, const T* __restrict score) {
-  T maxima[kColumns];
-  column_maxima(n, score, maxima);
+MOEPP_ROW_INLINE T kth_largest_column_maximum(int k, const T* __restrict maxima) {
   // The smallest maximum that fewer than k others exceed (the counts for all
-  // maxima at once, a vector of them per maximum c).
-  int above[kColumns] = {};
+  // maxima at once, a vector of them per maximum c). The counts are kept in T,
+  // exactly: with float compares and selects only, every loop here vectorises.
+  T above[kColumns] = {};
   for (int c = 0; c < kColumns; ++c) {
     const T m = maxima[c];
-    for (int i = 0; i < kColumns; ++i) above[i] += m > maxima[i] ? 1 : 0;
+    for (int i = 0; i < kColumns; ++i) above[i] += m > maxima[i] ? T(1) : T(0);
   }
-  T threshold = std::numeric_limits<T>::infinity();
-  for (int i = 0; i < kColumns; ++i) {
-    const T m = above[i] < k ? maxima[i] : std::numeric_limits<T>::infinity();
-    threshold = m < threshold ? m : threshold;
+  // Their minimum: the kept maxima (+inf for the others) folded in halves, vertical
+  // loops that vectorise (a float minimum reduction does not).
+  T kept[kColumns];
+  for (int i = 0; i < kColumns; ++i) kept[i] = above[i] < T(k) ? maxima[i] : std::numeric_limits<T>::infinity();
+  for (int half = kColumns / 2; half > 0; half /= 2) {
+    for (int i = 0; i < half; ++i) kept[i] = kept[i + half] < kept[i] ? kept[i + half] : kept[i];
   }
-  return threshold;
+  return kept[0];
 }
 
 // Bit c of the mask: row[c] >= threshold (a loop of compares that vectorises).
@@ -124,8 +127,9 @@ MOEPP_ROW_INLINE uint32_t reaching(const T* __restrict row, T threshold) {
 }
 
 template <typename T>
-MOEPP_ROW_INLINE void select_top_k_columns(int n, int k, const T* __restrict score, int32_t* ids) {
-  const T threshold = kth_largest_column_maximum(n, k, score);
+MOEPP_ROW_INLINE void select_top_k_columns(int n, int k, const T* __restrict score, const T* __restrict maxima,
+                                           int32_t* ids) {
+  const T threshold = kth_largest_column_maximum(k, maxima);
   int32_t candidates[kMaxCandidates];
   T value[kMaxCandidates + kRankLanes];
   int count = 0;
@@ -170,10 +174,11 @@ MOEPP_ROW_INLINE int32_t take_best(int n, T* __restrict sel) {
   return first;
 }
 
+// `maxima`: the scores' column_maxima.
 template <typename T>
-MOEPP_ROW_INLINE void select_top_k_cpu(int n, int k, T* sel, int32_t* ids) {
+MOEPP_ROW_INLINE void select_top_k_cpu(int n, int k, T* sel, const T* maxima, int32_t* ids) {
   if (k > 2) {
-    if (n >= 4 * kColumns) return select_top_k_columns(n, k, sel, ids);
+    if (n >= 4 * kColumns) return select_top_k_columns(n, k, sel, maxima, ids);
     return select_top_k_serial(n, k, sel, ids);
   }
   for (int s = 0; s < k; ++s) ids[s] = take_best(n, sel);
@@ -205,37 +210,50 @@ MOEPP_ROW_INLINE T row_sum(int n, const T* __restrict v, T shift) {
 }
 
 // z_j = routing_value(v_j * scale) (its NaN rule written out: the loop vectorises
-// only so), e_j = e^(z_j - max) into e; returns Σ_j e_j.
+// only so), e_j = e^(z_j - max) into e; returns Σ_j e_j. Two loops: the sum's
+// partials beside the exponential's constants spill out of the vector registers.
 template <typename T>
 MOEPP_ROW_INLINE T exp_row(int n, const T* __restrict v, T scale, T max, T* __restrict e) {
-  return rows::lane_reduce<kLanes>(n, T(0), [&](int64_t j) {
+  for (int j = 0; j < n; ++j) {
     const T s = v[j] * scale;
-    return e[j] = softmax_exp((s != s ? neg_inf<T>() : s) - max);
-  }, rows::Add{});
+    e[j] = softmax_exp((s != s ? neg_inf<T>() : s) - max);
+  }
+  return rows::lane_reduce<kLanes>(n, T(0), [&](int64_t j) { return e[j]; }, rows::Add{});
 }
 
 // selection_scores for a finite softmax, e_j = e^(z_j - max) in `sel`: p_j = e_j / sum
 // (added into prob_acc when given) and the score routing_value(p_j or z_j, + bias_j)
-// back into sel, routing_value written out as in exp_row.
+// back into sel, routing_value written out as in exp_row; the scores' column_maxima
+// into `maxima` in the same pass.
 template <typename T>
 MOEPP_ROW_INLINE void score_row(int n, bool by_prob, const T* __restrict v, T scale, T sum, const T* __restrict bias,
-                                T* __restrict sel, T* __restrict prob_acc) {
-  for (int j = 0; j < n; ++j) {
+                                T* __restrict sel, T* __restrict prob_acc, T* __restrict maxima) {
+  const auto score_of = [&](int j) {
     const T p = sel[j] / sum;
     if (prob_acc != nullptr) prob_acc[j] += p;
     const T s = v[j] * scale;
     T score = by_prob ? p : (s != s ? neg_inf<T>() : s);
     if (bias != nullptr) score += bias[j];
-    sel[j] = score != score ? neg_inf<T>() : score;
+    return score != score ? neg_inf<T>() : score;
+  };
+  for (int c = 0; c < kColumns; ++c) maxima[c] = neg_inf<T>();
+  const int whole = n / kColumns * kColumns;
+  for (int j = 0; j < whole; j += kColumns) {
+    for (int c = 0; c < kColumns; ++c) {
+      const T score = score_of(j + c);
+      sel[j + c] = score;
+      maxima[c] = score > maxima[c] ? score : maxima[c];
+    }
   }
+  for (int j = whole; j < n; ++j) sel[j] = score_of(j);
 }
 
 // route_scores for one token on one thread, l' given in `val`: softmax_stats's
 // statistics, skips and limits (its sums in partials), p into prob_acc, the
-// selection scores into `sel`.
+// selection scores into `sel` and their column_maxima into `maxima`.
 template <typename T>
 MOEPP_ROW_INLINE SoftmaxStats<T> route_scores_row(const RouterOptions& opt, const T* val, const T* bias, T* sel,
-                                                  T* prob_acc) {
+                                                  T* prob_acc, T* maxima) {
   const int n = opt.num_experts;
   SoftmaxStats<T> st{};
   st.scale = T(1);
@@ -255,10 +273,11 @@ MOEPP_ROW_INLINE SoftmaxStats<T> route_scores_row(const RouterOptions& opt, cons
   if (!st.finite_softmax()) {  // no finite maximum: the shared per-token code and its limits
     const SoftmaxStats<T> limit = softmax_stats(SerialGroup{}, opt, val, sel);
     selection_scores(SerialGroup{}, opt, limit, val, bias, sel, prob_acc);
+    column_maxima(n, sel, maxima);
     return limit;
   }
   st.sum_exp = st.n_pos_inf = exp_row(n, val, st.scale, st.max_z, sel);
-  score_row(n, opt.gating == Gating::kSoftmaxTopK, val, st.scale, st.sum_exp, bias, sel, prob_acc);
+  score_row(n, opt.gating == Gating::kSoftmaxTopK, val, st.scale, st.sum_exp, bias, sel, prob_acc, maxima);
   return st;
 }
 
@@ -272,15 +291,21 @@ MOEPP_CPU_CLONES void route_range(const RouterOptions& opt, const ForwardArgs<T>
   const int k = opt.top_k;
   int32_t ids[kMaxTopK];
   T gates[kMaxTopK];
+  T maxima[kColumns];
   for (int64_t t = begin; t < end; ++t) {
     const T* logits = a.logits + t * n;
+    // The next row on its way while this one is routed: a long row is a few passes of
+    // arithmetic over data in L1, and its first pass would otherwise wait on memory.
+    if (t + 1 < end) {
+      for (int j = 0; j < n; j += kPrefetchStride) __builtin_prefetch(logits + n + j);
+    }
     if (a.G != nullptr) {  // l' first, then route it as logits without a residual: the same values
       T* out = a.logits_out != nullptr ? a.logits_out + t * n : routed;
       add_residual(n, g, logits, a.prev + t * n, acc, out);
       logits = out;
     }
-    const SoftmaxStats<T> st = route_scores_row(opt, logits, a.bias, sel, prob_acc);
-    select_top_k_cpu(n, k, sel, ids);
+    const SoftmaxStats<T> st = route_scores_row(opt, logits, a.bias, sel, prob_acc, maxima);
+    select_top_k_cpu(n, k, sel, maxima, ids);
     route_weights(opt, st, logits, ids, gates);
     for (int s = 0; s < k; ++s) {
       a.ids[t * k + s] = ids[s];
