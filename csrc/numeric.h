@@ -108,11 +108,13 @@ MOEPP_HD Half from_float<Half>(float v) { return to_half(v); }
 // x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for exact products), e^r by its
 // degree-7 Taylor-like minimax polynomial (Cephes expf, about 1 ulp), 2^n built in the
 // exponent bits. Above 88 it is +inf, below -87 it is 0 (true values beyond fp32's normal
-// range); NaN stays NaN.
+// range); NaN stays NaN. kNonPositive: the caller's x is never above 0 (a softmax's
+// x - max), so the overflow's clamp and select, which never act there, are left out.
+template <bool kNonPositive = false>
 MOEPP_HD float exp_approx(float x) {
   // Each comparison stands alone (no nested selects): the compiler may then evaluate them all
   // and vectorise, which it will not do for a float comparison that runs conditionally.
-  const float upper = x > 88.0f ? 88.0f : x;
+  const float upper = kNonPositive || !(x > 88.0f) ? x : 88.0f;
   const float c = upper < -87.0f ? -87.0f : upper;
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: the sum's low mantissa bits hold round(c / ln2)
   const float t = c * 1.44269504088896341f + round_magic;
@@ -127,7 +129,7 @@ MOEPP_HD float exp_approx(float x) {
   const float er = p * r * r + r + 1.0f;
   const uint32_t two_n = (float_bits(t) - float_bits(round_magic) + 127u) << 23;
   const float y = er * bits_float(two_n);
-  const float overflowed = x > 88.0f ? bits_float(0x7f800000u) : y;
+  const float overflowed = !kNonPositive && x > 88.0f ? bits_float(0x7f800000u) : y;
   return x < -87.0f ? 0.0f : overflowed;
 }
 

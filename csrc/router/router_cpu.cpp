@@ -18,7 +18,11 @@
 namespace moepp::router {
 
 namespace {
-constexpr int64_t kTokensPerWorker = 512;
+// A worker's least share: 512 tokens of up to 32 experts, fewer tokens of longer rows
+// (a row of 768 is about 2 us of work).
+int64_t tokens_per_worker(int num_experts) {
+  return std::clamp<int64_t>(512 * 32 / std::max(num_experts, 1), 1, 512);
+}
 // Partial sums / maxima of the row loops (rows::lane_reduce).
 constexpr int kLanes = 8;
 
@@ -29,8 +33,12 @@ constexpr int kLanes = 8;
 // Rows read as rows of kColumns entries: column maxima are a vertical loop the
 // compiler vectorises (lane_reduce's maxima it compiles to scalar code).
 constexpr int kColumns = 32;
-// Entries per 64-byte cache line (the stride of route_range's prefetches).
-constexpr int kPrefetchStride = 64 / sizeof(float);
+// Prefetches the cache lines of row[begin, end) (none for a null row).
+template <typename T>
+MOEPP_ROW_INLINE void prefetch_lines(const T* row, int begin, int end) {
+  constexpr int kPerLine = 64 / sizeof(T);
+  for (int j = begin; row != nullptr && j < end; j += kPerLine) __builtin_prefetch(row + j);
+}
 
 // maxima[c] = max over the row's whole rows of kColumns of v[r * kColumns + c]
 // (NaN entries never win; -inf where there are none); returns the entries covered.
@@ -294,17 +302,18 @@ MOEPP_CPU_CLONES void route_range(const RouterOptions& opt, const ForwardArgs<T>
   T maxima[kColumns];
   for (int64_t t = begin; t < end; ++t) {
     const T* logits = a.logits + t * n;
-    // The next row on its way while this one is routed: a long row is a few passes of
-    // arithmetic over data in L1, and its first pass would otherwise wait on memory.
-    if (t + 1 < end) {
-      for (int j = 0; j < n; j += kPrefetchStride) __builtin_prefetch(logits + n + j);
-    }
+    // The next row on its way while this one is routed, half before each of the two
+    // stages: a long row is a few passes of arithmetic over data in L1, and its first
+    // pass would otherwise wait on memory (and a burst of prefetches waits too).
+    const T* next = t + 1 < end ? logits + n : nullptr;
+    prefetch_lines(next, 0, n / 2);
     if (a.G != nullptr) {  // l' first, then route it as logits without a residual: the same values
       T* out = a.logits_out != nullptr ? a.logits_out + t * n : routed;
       add_residual(n, g, logits, a.prev + t * n, acc, out);
       logits = out;
     }
     const SoftmaxStats<T> st = route_scores_row(opt, logits, a.bias, sel, prob_acc, maxima);
+    prefetch_lines(next, n / 2, n);
     select_top_k_cpu(n, k, sel, maxima, ids);
     route_weights(opt, st, logits, ids, gates);
     for (int s = 0; s < k; ++s) {
@@ -319,7 +328,7 @@ MOEPP_CPU_CLONES void route_range(const RouterOptions& opt, const ForwardArgs<T>
 template <typename T>
 void forward_cpu(const RouterOptions& opt, const ForwardArgs<T>& a, int num_threads) {
   const int n = opt.num_experts;
-  const int workers = choose_workers(a.tokens, num_threads, kTokensPerWorker);
+  const int workers = choose_workers(a.tokens, num_threads, tokens_per_worker(n));
   const bool tiles = n <= kTileMaxExperts;
   // Per worker: slot counts and sums of p (per expert, and per lane for the tiles).
   const size_t prob_size = a.prob_partials == nullptr ? 0 : tiles ? static_cast<size_t>(n) * kTileTokens : n;
@@ -350,7 +359,7 @@ template <typename T>
 void backward_cpu(const RouterOptions& opt, const BackwardArgs<T>& a, int num_threads) {
   const int n = opt.num_experts;
   const int k = opt.top_k;
-  const int workers = choose_workers(a.tokens, num_threads, kTokensPerWorker);
+  const int workers = choose_workers(a.tokens, num_threads, tokens_per_worker(n));
   parallel_for(a.tokens, workers, [&](int, int64_t begin, int64_t end) {
     std::vector<T> buf(n);
     for (int64_t t = begin; t < end; ++t) {

@@ -49,8 +49,9 @@ template <typename T>
 MOEPP_HD T routing_value(T v) { return is_nan(v) ? neg_inf<T>() : v; }
 
 // e^x of the router's softmax: exp_approx in fp32 (the same on the CPU and the GPU, and
-// vectorising in the CPU row loops), libm's in fp64 (gradcheck's precision).
-MOEPP_HD float softmax_exp(float x) { return exp_approx(x); }
+// vectorising in the CPU row loops), libm's in fp64 (gradcheck's precision). Its x is
+// always z - max <= 0 (or NaN), so the overflow's clamp is left out.
+MOEPP_HD float softmax_exp(float x) { return exp_approx<true>(x); }
 MOEPP_HD double softmax_exp(double x) { return std::exp(x); }
 
 // A top-k candidate; a NaN score marks "already taken / none".
