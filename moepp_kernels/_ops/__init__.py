@@ -6,7 +6,33 @@ combine and the layer."""
 
 from typing import Callable, TypeVar
 
+import torch
+
 R = TypeVar("R")
+# Parameters are plain tensors to the dispatcher (their __torch_function__ is disabled).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def bypasses_dispatcher(args) -> bool:
+    """Whether an op may run its implementation directly, past torch.ops: in plain eager
+    mode (not traced by torch.compile, no dispatch or function mode such as make_fx's or
+    FakeTensorMode's, no functorch transform, no tensor subclass) with no gradient to
+    record. The dispatcher and the custom op's autograd wrapper cost about 20 us a call,
+    which is most of a decode step's router, plan and combine on the CPU."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad)):
+            return False
+    return True
+
+
+def call_op(op: Callable[..., R], impl: Callable[..., R], *args) -> R:
+    """op(*args) (a moepp:: custom op), or its implementation impl(*args) where
+    bypasses_dispatcher(args): the same kernels and results, without the dispatcher."""
+    return impl(*args) if bypasses_dispatcher(args) else op(*args)
 
 
 def per_config(fn: Callable[..., R]) -> Callable[..., R]:

@@ -29,8 +29,7 @@ def _inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value):
                            view(const_value))
 
 
-@torch.library.custom_op("moepp::combine", mutates_args=())
-def combine(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_row: Tensor, const_logits: Tensor,
+def combine_impl(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_row: Tensor, const_logits: Tensor,
             const_value: Tensor, n_ffn: int, copy_begin: int, zero_begin: int, n_experts: int,
             scale: float) -> Tensor:
     out = torch.empty_like(x)
@@ -38,6 +37,9 @@ def combine(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_r
                        _C.ExpertLayout(n_ffn, copy_begin, zero_begin, n_experts), scale, view(out),
                        torch.get_num_threads(), stream_handle(x.device))
     return out
+
+
+combine = torch.library.custom_op("moepp::combine", combine_impl, mutates_args=())
 
 
 @combine.register_fake

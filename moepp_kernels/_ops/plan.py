@@ -9,8 +9,7 @@ from .. import _C
 from .._tensors import stream_handle, view
 
 
-@torch.library.custom_op("moepp::build_plan", mutates_args=())
-def build_plan(topk_ids: Tensor, n_ffn: int) -> Tuple[Tensor, Tensor, Tensor]:
+def build_plan_impl(topk_ids: Tensor, n_ffn: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(offsets [n_ffn + 1], row_src [T * k], slot_row [T, k]), all int32."""
     dev = topk_ids.device
     offsets = torch.empty(n_ffn + 1, dtype=torch.int32, device=dev)
@@ -22,6 +21,9 @@ def build_plan(topk_ids: Tensor, n_ffn: int) -> Tuple[Tensor, Tensor, Tensor]:
     _C.build_plan(view(topk_ids), n_ffn, view(offsets), view(row_src), view(slot_row),
                   None if workspace is None else view(workspace), stream_handle(dev))
     return offsets, row_src, slot_row
+
+
+build_plan = torch.library.custom_op("moepp::build_plan", build_plan_impl, mutates_args=())
 
 
 @build_plan.register_fake

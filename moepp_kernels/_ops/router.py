@@ -69,8 +69,7 @@ def _cached_options(num_experts: int, *scalars) -> "_C.RouterOptions":
     return router_options(num_experts, RouterScalars(*scalars))
 
 
-@torch.library.custom_op("moepp::router_forward", mutates_args=())
-def router_forward(logits: Tensor, prev_logits: Optional[Tensor], residual_weight: Optional[Tensor],
+def router_forward_impl(logits: Tensor, prev_logits: Optional[Tensor], residual_weight: Optional[Tensor],
                    selection_bias: Optional[Tensor], top_k: int, copy_begin: int, zero_begin: int, gating: str,
                    normalize: bool, sigma: float, renormalize: bool, scaling: float, scale_identity: bool,
                    with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -94,6 +93,9 @@ def router_forward(logits: Tensor, prev_logits: Optional[Tensor], residual_weigh
                       torch.get_num_threads(), stream_handle(dev))
     prob_sum = partials.sum(dim=0) if partials is not None else logits.new_empty((0,))
     return ids, weights, logits_out, counts, prob_sum
+
+
+router_forward = torch.library.custom_op("moepp::router_forward", router_forward_impl, mutates_args=())
 
 
 @router_forward.register_fake
