@@ -47,11 +47,12 @@ def _swiglu(h: Tensor, offsets: Tensor, out: Tensor) -> Tensor:
 
 
 def _expert_slices(offsets: Tensor):
-    """(e, lo, hi, count) per expert, count being a one-element device tensor holding hi - lo
-    (a one-expert plan for the pointwise kernels), and the largest hi - lo."""
+    """(e, lo, hi, count) per expert with rows (hi > lo), count being a one-element device
+    tensor holding hi - lo (a one-expert plan for the pointwise kernels), and the largest
+    hi - lo. Empty experts are left out: a decode step's few rows touch a few of them."""
     bounds = offsets.tolist()
     counts = offsets[1:] - offsets[:-1]
-    slices = [(e, lo, hi, counts[e:e + 1]) for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+    slices = [(e, lo, hi, counts[e:e + 1]) for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
     return slices, max((hi - lo for _, lo, hi, _ in slices), default=0)
 
 
@@ -67,8 +68,6 @@ def _torch_forward(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets
     a_buf = x.new_empty((widest, inner))
     for e, lo, hi, count in slices:
         n = hi - lo
-        if n == 0:
-            continue
         xg = _gather(x, row_src[lo:hi], count, top_k, scale, out=xg_buf[:n])
         he = torch.matmul(xg, up[e].t(), out=h[lo:hi] if keep_h else h_buf[:n])
         torch.matmul(_swiglu(he, count, a_buf[:n]), down[e].t(), out=y[lo:hi])
@@ -85,12 +84,13 @@ def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tens
     dxg = new_buffer(x, (row_src.shape[0], x.shape[1]))
     da_buf, a_buf = x.new_empty((widest, inner)), x.new_empty((widest, inner))
     dh_buf, xg_buf = x.new_empty((widest, 2 * inner)), x.new_empty((widest, x.shape[1]))
-    for e, lo, hi, count in slices:
-        n = hi - lo
-        if n == 0:
+    with_rows = {e for e, _, _, _ in slices}
+    for e in range(up.shape[0]):
+        if e not in with_rows:
             grad_up[e].zero_()
             grad_down[e].zero_()
-            continue
+    for e, lo, hi, count in slices:
+        n = hi - lo
         dy = grad_y[lo:hi]
         da = torch.matmul(dy, down[e], out=da_buf[:n])
         dh, a = dh_buf[:n], a_buf[:n]
