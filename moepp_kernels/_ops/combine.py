@@ -30,8 +30,8 @@ def _inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value):
 
 
 def combine_impl(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_row: Tensor, const_logits: Tensor,
-            const_value: Tensor, n_ffn: int, copy_begin: int, zero_begin: int, n_experts: int,
-            scale: float) -> Tensor:
+                 const_value: Tensor, n_ffn: int, copy_begin: int, zero_begin: int, n_experts: int,
+                 scale: float) -> Tensor:
     out = torch.empty_like(x)
     _C.combine_forward(_inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value),
                        _C.ExpertLayout(n_ffn, copy_begin, zero_begin, n_experts), scale, view(out),

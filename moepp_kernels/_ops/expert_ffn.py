@@ -132,7 +132,7 @@ def _expert_ffn_fake(x, up, down, row_src, slot_row, offsets, *_scalars):
 
 
 def expert_ffn_inference_impl(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int,
-                         scale: float, backend: str) -> Tensor:
+                              scale: float, backend: str) -> Tensor:
     """y [R, D] without keeping h (no autograd)."""
     if backend == "triton":
         from .. import triton_ffn

@@ -70,9 +70,9 @@ def _cached_options(num_experts: int, *scalars) -> "_C.RouterOptions":
 
 
 def router_forward_impl(logits: Tensor, prev_logits: Optional[Tensor], residual_weight: Optional[Tensor],
-                   selection_bias: Optional[Tensor], top_k: int, copy_begin: int, zero_begin: int, gating: str,
-                   normalize: bool, sigma: float, renormalize: bool, scaling: float, scale_identity: bool,
-                   with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        selection_bias: Optional[Tensor], top_k: int, copy_begin: int, zero_begin: int, gating: str,
+                        normalize: bool, sigma: float, renormalize: bool, scaling: float, scale_identity: bool,
+                        with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(topk_ids [T, k] int32, topk_weights [T, k], logits_out [T, N] or [0] without
     prev_logits, counts [N] int32, prob_sum [N] or [0] without with_stats)."""
     tokens, n = logits.shape
