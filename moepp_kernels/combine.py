@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._ops import call_op
-from ._ops.combine import combine_impl, layout_scalars
+from ._ops.combine import layout_scalars
 from ._tensors import MODEL_DTYPES, check_backend, check_tensor
 from .config import MoEPPConfig
 from .permute import check_plan
@@ -55,5 +55,5 @@ def combine(x: Tensor, y: Tensor, route, plan, const_logits: Tensor, const_value
     check_tensor("const_value", const_value, dtypes=(x.dtype,), shape=(c, config.hidden_size), device=dev)
     check_backend(dev)
     check_plan(plan, tokens, k, config.n_ffn, dev, topk_ids=ids, n_experts=config.n_experts)
-    return call_op(torch.ops.moepp.combine, combine_impl, x, y, ids, route.topk_weights, plan.slot_row, const_logits,
-                   const_value, *layout_scalars(config))
+    return call_op(torch.ops.moepp.combine, x, y, ids, route.topk_weights, plan.slot_row, const_logits, const_value,
+                   *layout_scalars(config))

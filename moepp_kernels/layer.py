@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import grouped_gemm, reference
 from ._ops import call_op
-from ._ops.combine import combine_impl, layout_scalars
+from ._ops.combine import layout_scalars
 from ._ops.expert_ffn import apply_expert_ffn
 from ._tensors import MODEL_DTYPES, check_tensor
 from .config import MoEPPConfig
@@ -116,8 +116,8 @@ def moepp_layer(x: Tensor, config: MoEPPConfig, *, up: Tensor, down: Tensor, con
     plan = build_plan(route.topk_ids, config.n_ffn)
     # The layer made the plan itself: its indices need no checks (the private ops take it as is).
     y = apply_expert_ffn(x2, up, down, plan, config.top_k, scale, backend)
-    out = call_op(torch.ops.moepp.combine, combine_impl, x2, y, route.topk_ids, route.topk_weights, plan.slot_row,
-                  mix, const_value, *layout_scalars(config))
+    out = call_op(torch.ops.moepp.combine, x2, y, route.topk_ids, route.topk_weights, plan.slot_row, mix,
+                  const_value, *layout_scalars(config))
     out = out.reshape(x.shape)
     return (out, route.logits, route) if return_router else (out, route.logits)
 

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from . import _C
 from ._ops import call_op
-from ._ops.plan import build_plan_impl
 from ._tensors import check_backend, check_tensor
 
 # Check the values of the indices a public op reads through on CUDA too (a host sync per
@@ -44,7 +43,7 @@ def build_plan(topk_ids: Tensor, n_ffn: int) -> PermutationPlan:
     if topk_ids.numel() >= 2**31:
         raise ValueError(f"topk_ids: tokens * top_k must be < 2**31, got {topk_ids.numel()}")
     check_backend(topk_ids.device)
-    return PermutationPlan(*call_op(torch.ops.moepp.build_plan, build_plan_impl, topk_ids, n_ffn))
+    return PermutationPlan(*call_op(torch.ops.moepp.build_plan, topk_ids, n_ffn))
 
 
 def _first_bad(name: str, bad: Tensor, values: Tensor, what: str) -> None:

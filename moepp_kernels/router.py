@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import _C
 from ._ops import call_op
-from ._ops.router import router_forward_impl, router_scalars
+from ._ops.router import router_scalars
 from ._tensors import check_backend, check_tensor
 from .capacity import apply_capacity
 from .config import MoEPPConfig
@@ -92,8 +92,8 @@ def fused_router(logits: Tensor, config: MoEPPConfig, *, prev_logits: Optional[T
         logits = torch.addmm(logits, prev_logits, residual_weight.t())
         prev_logits = residual_weight = None
     ids, weights, logits_out, counts, prob_sum = call_op(
-        torch.ops.moepp.router_forward, router_forward_impl, logits, prev_logits, residual_weight, selection_bias,
-        *router_scalars(config), return_stats)
+        torch.ops.moepp.router_forward, logits, prev_logits, residual_weight, selection_bias, *router_scalars(config),
+        return_stats)
     passed_on = logits_out if prev_logits is not None else logits
     f = p = dropped = None
     if return_stats:

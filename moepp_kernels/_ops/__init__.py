@@ -11,6 +11,16 @@ import torch
 R = TypeVar("R")
 # Parameters are plain tensors to the dispatcher (their __torch_function__ is disabled).
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# torch.ops.moepp.<name> -> its implementation, for call_op (filled by custom_op).
+_IMPLEMENTATIONS: dict = {}
+
+
+def custom_op(name: str, impl: Callable[..., R]):
+    """Registers impl as the custom op moepp::<name> (mutating nothing) and returns its
+    CustomOpDef; call_op may run impl directly in the op's place."""
+    op = torch.library.custom_op(f"moepp::{name}", impl, mutates_args=())
+    _IMPLEMENTATIONS[getattr(torch.ops.moepp, name)] = impl
+    return op
 
 
 def bypasses_dispatcher(args) -> bool:
@@ -29,10 +39,12 @@ def bypasses_dispatcher(args) -> bool:
     return True
 
 
-def call_op(op: Callable[..., R], impl: Callable[..., R], *args) -> R:
-    """op(*args) (a moepp:: custom op), or its implementation impl(*args) where
-    bypasses_dispatcher(args): the same kernels and results, without the dispatcher."""
-    return impl(*args) if bypasses_dispatcher(args) else op(*args)
+def call_op(op: Callable[..., R], *args) -> R:
+    """op(*args) for op = torch.ops.moepp.<name> (made by custom_op), or its implementation
+    called directly where bypasses_dispatcher(args): the same kernels and results."""
+    if bypasses_dispatcher(args):
+        return _IMPLEMENTATIONS[op](*args)
+    return op(*args)
 
 
 def per_config(fn: Callable[..., R]) -> Callable[..., R]:

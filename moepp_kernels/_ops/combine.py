@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _C
 from .._tensors import new_buffer, stream_handle, view
 from ..config import MoEPPConfig
-from . import per_config
+from . import custom_op, per_config
 
 
 @per_config
@@ -29,9 +29,9 @@ def _inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value):
                            view(const_value))
 
 
-def combine_impl(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_row: Tensor, const_logits: Tensor,
-                 const_value: Tensor, n_ffn: int, copy_begin: int, zero_begin: int, n_experts: int,
-                 scale: float) -> Tensor:
+def _combine(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_row: Tensor, const_logits: Tensor,
+             const_value: Tensor, n_ffn: int, copy_begin: int, zero_begin: int, n_experts: int,
+             scale: float) -> Tensor:
     out = torch.empty_like(x)
     _C.combine_forward(_inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value),
                        _C.ExpertLayout(n_ffn, copy_begin, zero_begin, n_experts), scale, view(out),
@@ -39,7 +39,7 @@ def combine_impl(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, s
     return out
 
 
-combine = torch.library.custom_op("moepp::combine", combine_impl, mutates_args=())
+combine = custom_op("combine", _combine)
 
 
 @combine.register_fake

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import _C, grouped_gemm
 from .._tensors import new_buffer, stream_handle, view
-from . import call_op
+from . import call_op, custom_op
 
 
 def _gather(x: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
@@ -131,8 +131,8 @@ def _expert_ffn_fake(x, up, down, row_src, slot_row, offsets, *_scalars):
     return x.new_empty((rows, down.shape[1])), x.new_empty((rows, up.shape[1]))
 
 
-def expert_ffn_inference_impl(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int,
-                              scale: float, backend: str) -> Tensor:
+def _expert_ffn_inference(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int,
+                          scale: float, backend: str) -> Tensor:
     """y [R, D] without keeping h (no autograd)."""
     if backend == "triton":
         from .. import triton_ffn
@@ -144,8 +144,7 @@ def expert_ffn_inference_impl(x: Tensor, up: Tensor, down: Tensor, row_src: Tens
     return _forward_keeping_h(x, up, down, row_src, offsets, top_k, scale, backend)[0]
 
 
-expert_ffn_inference = torch.library.custom_op("moepp::expert_ffn_inference", expert_ffn_inference_impl,
-                                               mutates_args=())
+expert_ffn_inference = custom_op("expert_ffn_inference", _expert_ffn_inference)
 
 
 @expert_ffn_inference.register_fake
@@ -214,5 +213,5 @@ def apply_expert_ffn(x: Tensor, up: Tensor, down: Tensor, plan, top_k: int, scal
     if torch.is_grad_enabled() and (x.requires_grad or up.requires_grad or down.requires_grad):
         return torch.ops.moepp.expert_ffn(x, up, down, plan.row_src, plan.slot_row, plan.offsets, top_k, scale,
                                           backend)[0]
-    return call_op(torch.ops.moepp.expert_ffn_inference, expert_ffn_inference_impl, x, up, down, plan.row_src,
-                   plan.offsets, top_k, scale, backend)
+    return call_op(torch.ops.moepp.expert_ffn_inference, x, up, down, plan.row_src, plan.offsets, top_k, scale,
+                   backend)

@@ -7,9 +7,10 @@ from torch import Tensor
 
 from .. import _C
 from .._tensors import stream_handle, view
+from . import custom_op
 
 
-def build_plan_impl(topk_ids: Tensor, n_ffn: int) -> Tuple[Tensor, Tensor, Tensor]:
+def _build_plan(topk_ids: Tensor, n_ffn: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(offsets [n_ffn + 1], row_src [T * k], slot_row [T, k]), all int32."""
     dev = topk_ids.device
     offsets = torch.empty(n_ffn + 1, dtype=torch.int32, device=dev)
@@ -23,7 +24,7 @@ def build_plan_impl(topk_ids: Tensor, n_ffn: int) -> Tuple[Tensor, Tensor, Tenso
     return offsets, row_src, slot_row
 
 
-build_plan = torch.library.custom_op("moepp::build_plan", build_plan_impl, mutates_args=())
+build_plan = custom_op("build_plan", _build_plan)
 
 
 @build_plan.register_fake

@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import _C
 from .._tensors import device_code, optional_view, stream_handle, view
 from ..config import MoEPPConfig
-from . import per_config
+from . import custom_op, per_config
 
 _GATING_CODES = {"softmax_topk": 0, "topk_softmax": 1}
 
@@ -69,10 +69,10 @@ def _cached_options(num_experts: int, *scalars) -> "_C.RouterOptions":
     return router_options(num_experts, RouterScalars(*scalars))
 
 
-def router_forward_impl(logits: Tensor, prev_logits: Optional[Tensor], residual_weight: Optional[Tensor],
-                        selection_bias: Optional[Tensor], top_k: int, copy_begin: int, zero_begin: int, gating: str,
-                        normalize: bool, sigma: float, renormalize: bool, scaling: float, scale_identity: bool,
-                        with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _router_forward(logits: Tensor, prev_logits: Optional[Tensor], residual_weight: Optional[Tensor],
+                    selection_bias: Optional[Tensor], top_k: int, copy_begin: int, zero_begin: int, gating: str,
+                    normalize: bool, sigma: float, renormalize: bool, scaling: float, scale_identity: bool,
+                    with_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(topk_ids [T, k] int32, topk_weights [T, k], logits_out [T, N] or [0] without
     prev_logits, counts [N] int32, prob_sum [N] or [0] without with_stats)."""
     tokens, n = logits.shape
@@ -95,7 +95,7 @@ def router_forward_impl(logits: Tensor, prev_logits: Optional[Tensor], residual_
     return ids, weights, logits_out, counts, prob_sum
 
 
-router_forward = torch.library.custom_op("moepp::router_forward", router_forward_impl, mutates_args=())
+router_forward = custom_op("router_forward", _router_forward)
 
 
 @router_forward.register_fake
