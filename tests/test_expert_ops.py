@@ -299,3 +299,40 @@ def test_kernels_skip_indices_outside_their_buffers():
                        _C.ExpertLayout(cfg.n_ffn, cfg.copy_begin, cfg.zero_begin, cfg.n_experts), 1.0, view(combined),
                        1, 0)
     assert torch.equal(combined, summed)
+
+
+def test_torch_backward_windows_few_row_products(monkeypatch):
+    """The torch backend's dy · V_e over a 192-row window (MKL's few-rows kernel at 8 KiB weight
+    rows, one thread, fp32: _ops/expert_ffn._grad_a): experts of 95 (not windowed), 96, 150 and
+    191 rows (windowed; the first window starts at row 0, the last ends at the last valid row),
+    30 and 192 (not windowed), against the per-expert reference."""
+    from moepp_kernels._ops import expert_ffn as ops
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("the window applies to MKL's sgemm only")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the rule's condition; torch's own threads stay
+    counts, d, i = [150, 30, 96, 192, 95, 191], 8, 2048
+    ids = torch.cat([torch.full((c,), e, dtype=torch.int32) for e, c in enumerate(counts)])
+    ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))].reshape(-1, 1)
+    plan = build_plan(ids, len(counts))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(ids.shape[0], d, generator=g).requires_grad_()
+    up = (torch.randn(len(counts), 2 * i, d, generator=g) / d**0.5).requires_grad_()
+    down = (torch.randn(len(counts), d, i, generator=g) / i**0.5).requires_grad_()
+    seen, grad_a = [], ops._grad_a
+
+    def counting_grad_a(dy_all, down_e, lo, hi, valid_rows, windowed, out):
+        seen.append((hi - lo, windowed))
+        return grad_a(dy_all, down_e, lo, hi, valid_rows, windowed, out)
+
+    monkeypatch.setattr(ops, "_grad_a", counting_grad_a)
+    y = expert_ffn(x, up, down, plan, top_k=1, backend="torch")
+    grad = torch.randn(y.shape, generator=g)
+    ours = torch.autograd.grad((y * grad).sum(), (x, up, down))
+    assert sorted(seen) == sorted((c, True) for c in counts)
+    rows = plan.row_src.long()
+    experts = ids.flatten()[rows].long()
+    expected = torch.cat([R.ffn_expert(x[rows[experts == e]], up[e], down[e]) for e in range(len(counts))])
+    ref = torch.autograd.grad((expected * grad).sum(), (x, up, down))
+    for name, a, b in zip(("x", "up", "down"), ours, ref):
+        assert_norm_close(a, b, torch.float32, name)

@@ -37,8 +37,10 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad_x = grad.new_zeros((ctx.in_rows, *grad.shape[1:]))
-        dist.all_to_all_single(grad_x[:sum(ctx.send)], grad[:sum(ctx.recv)].contiguous(), ctx.send, ctx.recv,
+        sent = sum(ctx.send)
+        grad_x = grad.new_empty((ctx.in_rows, *grad.shape[1:]))
+        grad_x[sent:].zero_()  # rows that never left have no gradient from here
+        dist.all_to_all_single(grad_x[:sent], grad[:sum(ctx.recv)].contiguous(), ctx.send, ctx.recv,
                                group=ctx.group)
         return grad_x, None, None, None, None
 
