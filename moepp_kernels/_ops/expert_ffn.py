@@ -91,8 +91,8 @@ def _windowed_rows(dy_all: Tensor, down: Tensor, valid_rows: int) -> bool:
 
 def _grad_a(dy_all: Tensor, down_e: Tensor, lo: int, hi: int, valid_rows: int, windowed: bool,
             out: Tensor) -> Tensor:
-    """dy_all[lo:hi] · down_e [hi - lo, I], written into `out` (which has at least 192 rows
-    when `windowed`)."""
+    """dy_all[lo:hi] · down_e, [hi - lo, I], written into rows of `out` (which has at least
+    192 rows when `windowed`)."""
     n = hi - lo
     if not windowed or not _FEW_ROWS_FLOOR <= n < _FEW_ROWS:
         return torch.matmul(dy_all[lo:hi], down_e, out=out[:n])
