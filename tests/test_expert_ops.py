@@ -328,8 +328,18 @@ def test_torch_backward_windows_few_row_products(monkeypatch):
     monkeypatch.setattr(ops, "_grad_a", counting_grad_a)
     y = expert_ffn(x, up, down, plan, top_k=1, backend="torch")
     grad = torch.randn(y.shape, generator=g)
+    products, matmul = [], torch.matmul
+
+    def counting_matmul(a, b, **kwargs):
+        if tuple(b.shape) == (d, i):  # dy · V_e: the rows it ran over
+            products.append(a.shape[0])
+        return matmul(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", counting_matmul)
     ours = torch.autograd.grad((y * grad).sum(), (x, up, down))
+    monkeypatch.setattr(torch, "matmul", matmul)
     assert sorted(seen) == sorted((c, True) for c in counts)
+    assert sorted(products) == [30, 95, 192, 192, 192, 192]  # 96, 150 and 191 over their windows
     rows = plan.row_src.long()
     experts = ids.flatten()[rows].long()
     expected = torch.cat([R.ffn_expert(x[rows[experts == e]], up[e], down[e]) for e in range(len(counts))])
