@@ -151,7 +151,7 @@ def test_restore_for_saving(tmp_path):
     assert list(got) == list(expected)
     for key in expected:
         want = expected[key]
-        if key.endswith("experts.gate_up_proj"):  # 5.x: the identity experts' rows are never read
+        if key.endswith("experts.gate_up_proj"):  # earlier 5.x: the identity experts' rows are never read
             want = torch.cat([want[:3], torch.zeros_like(want[3:])])
         assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
     model.save_pretrained(tmp_path)
@@ -159,6 +159,30 @@ def test_restore_for_saving(tmp_path):
     ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, original(ids).logits, rtol=0, atol=0)
+
+
+def test_padded_gate_up_proj_of_earlier_5x_releases():
+    # Earlier 5.x releases held gate_up_proj for every expert, identity ones included (rows never
+    # read); later ones (5.25) hold the routed experts' only, and their forward cannot run the padded
+    # weights: a padded copy of the model is swapped, matched with the unpadded one, and restored padded.
+    original = tiny_model()
+    if not hasattr(original.model.layers[0].mlp.experts, "gate_up_proj"):
+        pytest.skip("transformers 4.57 keeps its experts in a ModuleList")
+    model = copy.deepcopy(original)
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        if experts.gate_up_proj.shape[0] == 3:
+            padding = torch.randn(2, *experts.gate_up_proj.shape[1:])
+            experts.gate_up_proj = torch.nn.Parameter(torch.cat([experts.gate_up_proj.detach(), padding]))
+    replace_longcat_flash_moe(model)
+    ids = token_ids()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, original(ids).logits) < 1e-4
+    restore_longcat_flash_moe(model)
+    for layer, ref in zip(model.model.layers, original.model.layers):
+        got, want = layer.mlp.experts.gate_up_proj, ref.mlp.experts.gate_up_proj
+        assert got.shape == (5, 16, 16)
+        assert torch.equal(got[:3], want[:3]) and not got[3:].any()
 
 
 def test_clear_errors():

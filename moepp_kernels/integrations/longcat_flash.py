@@ -2,9 +2,10 @@
 for our LongCat-mode layer (identity experts as copy experts, selection bias,
 routed scaling factor on every weight: spec "LongCat-Flash style"), and back.
 
-Both layouts transformers has shipped are read, without importing transformers:
-5.x, `experts.gate_up_proj` [n_routed + zero_expert_num, 2I, D] (only the first
-n_routed rows are ever used) and `experts.down_proj` [n_routed, D, I]; 4.57,
+The layouts transformers has shipped are read, without importing transformers:
+5.x, `experts.gate_up_proj` [n_routed, 2I, D] (later releases, 5.25 among them) or
+[n_routed + zero_expert_num, 2I, D] (earlier ones; only the first n_routed rows are
+ever used) and `experts.down_proj` [n_routed, D, I]; 4.57,
 `experts` a ModuleList of n_routed `LongcatFlashMLP` (`gate_proj`, `up_proj`,
 `down_proj`) followed by `nn.Identity` experts. The router is an fp32
 `classifier` [N, D], the buffer `e_score_correction_bias` [N] (selection only),
@@ -56,6 +57,24 @@ def _expert_weights(experts: nn.Module, n_routed: int, name: str) -> tuple[Tenso
     return up, torch.stack([m.down_proj.weight for m in mlps])
 
 
+def _activation(module: nn.Module, experts: nn.Module) -> Optional[str]:
+    """None when the experts' activation is SiLU, else what it is. From the module's config where
+    it keeps one (4.57, earlier 5.x), else from the experts' act_fn (later 5.x), checked by value."""
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "hidden_act"):
+        return None if config.hidden_act in ("silu", "swish") else repr(config.hidden_act)
+    holder = experts if _stacked_layout(experts) else next(iter(experts), None)
+    act_fn = getattr(holder, "act_fn", None)
+    if not callable(act_fn):
+        return "unknown (neither the module's config.hidden_act nor the experts' act_fn is there)"
+    probe = torch.tensor([-3.0, -0.5, 0.0, 0.75, 4.0])
+    with torch.no_grad():
+        out = act_fn(probe)
+    if isinstance(out, Tensor) and torch.allclose(out, torch.nn.functional.silu(probe), rtol=1e-6, atol=1e-7):
+        return None
+    return type(act_fn).__name__
+
+
 def config_from_longcat_flash_moe(module: nn.Module, name: str = "module") -> MoEPPConfig:
     """The MoEPPConfig of one LongcatFlashMoE: LongCat mode with its n_routed FFN experts,
     zero_expert_num identity (copy) experts, top_k and routed_scaling_factor."""
@@ -70,17 +89,18 @@ def config_from_longcat_flash_moe(module: nn.Module, name: str = "module") -> Mo
                          "router does not apply and this swap does not carry; load the model with "
                          "router_bias=False")
     n, d = classifier.weight.shape
-    config = getattr(module, "config", None)
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"{name}: the experts' activation is {act!r}; our FFN experts are SwiGLU (silu) only")
     experts = module.experts
+    act = _activation(module, experts)
+    if act is not None:
+        raise ValueError(f"{name}: the experts' activation is {act}; our FFN experts are SwiGLU (silu) only")
     if _stacked_layout(experts):
         n_routed = experts.down_proj.shape[0] if experts.down_proj is not None else 0
         ffn_size = experts.down_proj.shape[2] if n_routed else 1
         up_shape, down_shape = tuple(experts.gate_up_proj.shape), tuple(experts.down_proj.shape)
-        if up_shape != (n, 2 * ffn_size, d) or down_shape != (n_routed, d, ffn_size):
-            raise ValueError(f"{name}.experts: expected gate_up_proj [{n}, {2 * ffn_size}, {d}] and down_proj "
+        if (up_shape not in ((n_routed, 2 * ffn_size, d), (n, 2 * ffn_size, d))
+                or down_shape != (n_routed, d, ffn_size)):
+            raise ValueError(f"{name}.experts: expected gate_up_proj [{n_routed} or {n}, {2 * ffn_size}, {d}] and "
+                             f"down_proj "
                              f"[{n_routed}, {d}, {ffn_size}], got {list(up_shape)} and {list(down_shape)} "
                              f"({SUPPORTED})")
     else:
@@ -99,26 +119,28 @@ class LongcatFlashMoEPP(nn.Module):
     forward(hidden_states [..., D]) -> [..., D]. The router stays float32 through
     model casts; transformers' `output_router_logits` does not record it."""
 
-    def __init__(self, layer: MoEPPLayer, skeleton: Optional[nn.Module] = None, stacked: bool = True):
+    def __init__(self, layer: MoEPPLayer, skeleton: Optional[nn.Module] = None, stacked_rows: Optional[int] = None):
+        """stacked_rows: the rows of the 5.x module's gate_up_proj (n_routed, or n_routed +
+        zero_expert_num), None for 4.57's ModuleList; hf_state_dict writes that layout."""
         super().__init__()
         self.moepp = layer
         # The original module without storage, for restore_longcat_flash_moe; not a submodule.
         self.__dict__["_hf_skeleton"] = skeleton
         self.__dict__["_hf_dtype"] = layer.up.dtype
-        self.__dict__["_hf_stacked"] = stacked
+        self.__dict__["_hf_stacked_rows"] = stacked_rows
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self.moepp(hidden_states)[0]
 
     def hf_state_dict(self) -> dict[str, Tensor]:
         """This layer's weights under LongcatFlashMoE's keys, for the layout it was swapped from
-        (5.x: the identity experts' gate_up_proj rows, never read by transformers, are zeros)."""
+        (earlier 5.x: the identity experts' gate_up_proj rows, never read by transformers, are zeros)."""
         layer, cfg = self.moepp, self.moepp.config
         up, down = layer.up.detach(), layer.down.detach()
         out = {"router.classifier.weight": layer.router.gate_weight.detach().clone(),
                "router.e_score_correction_bias": layer.router.selection_bias.detach().clone()}
-        if self._hf_stacked:
-            unused = up.new_zeros(cfg.n_copy, *up.shape[1:])
+        if self._hf_stacked_rows is not None:
+            unused = up.new_zeros(self._hf_stacked_rows - cfg.n_ffn, *up.shape[1:])
             out["experts.gate_up_proj"] = torch.cat([up, unused])
             out["experts.down_proj"] = down.clone()
             return out
@@ -158,7 +180,9 @@ def replace_longcat_flash_moe(model: nn.Module, gemm_backend: str = "auto") -> l
 
     def build(name: str, module: nn.Module) -> nn.Module:
         layer = layer_from_longcat_flash_moe(module, name, gemm_backend)
-        return LongcatFlashMoEPP(layer, meta_skeleton(module), stacked=_stacked_layout(module.experts))
+        experts = module.experts
+        rows = experts.gate_up_proj.shape[0] if _stacked_layout(experts) else None
+        return LongcatFlashMoEPP(layer, meta_skeleton(module), stacked_rows=rows)
 
     names = swap_modules(model, is_longcat_flash_moe, build)
     if not names:
