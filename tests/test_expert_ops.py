@@ -134,6 +134,19 @@ def test_combine_matches_reference(device, dtype, d, scale):
         assert_matches(a, b, e, dtype, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_constant_value_gradient_in_row_chunks(dtype):
+    # On the CPU, dv_c = Σ_t v_coef[t, c] · dout[t] of a half-precision dout runs over chunks of 512
+    # rows converted to fp32 (T = 1300: two whole chunks and a tail); it is the exact sum, rounded once.
+    from moepp_kernels._ops.combine import _grad_const_value
+
+    g = torch.Generator().manual_seed(3)
+    v_coef = torch.rand(1300, 2, generator=g)
+    grad_out = torch.randn(1300, 24, generator=g).to(dtype)
+    want = (v_coef.double().t() @ grad_out.double()).to(dtype)
+    torch.testing.assert_close(_grad_const_value(v_coef, grad_out, dtype), want, rtol=8e-3, atol=0.05)
+
+
 def test_combine_bad_config_is_a_type_error():
     ids, weights = routing(4, CFG, "cpu")
     plan = build_plan(ids, CFG.n_ffn)

@@ -63,8 +63,26 @@ def combine_backward(grad_out: Tensor, x: Tensor, y: Tensor, topk_ids: Tensor, t
                         _C.ExpertLayout(n_ffn, copy_begin, zero_begin, n_experts), scale, view(grad_out),
                         view(grad_y), view(grad_x), view(grad_weights), view(grad_logits), view(v_coef),
                         torch.get_num_threads(), stream_handle(x.device))
-    grad_value = (v_coef.t() @ grad_out.float()).to(const_value.dtype)  # dv_c = Σ_t gate·a2 · dout[t]
-    return grad_x, grad_y, grad_weights, grad_logits, grad_value
+    return grad_x, grad_y, grad_weights, grad_logits, _grad_const_value(v_coef, grad_out, const_value.dtype)
+
+
+# Rows of grad_out converted to fp32 at a time for the constant experts' value gradient on the
+# CPU: a [T, D] fp32 copy of it would be a fresh buffer, faulted in on every step.
+_FP32_CHUNK_ROWS = 512
+
+
+def _grad_const_value(v_coef: Tensor, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+    """dv_c = Σ_t v_coef[t, c] · grad_out[t] in fp32 ([n_const, D] in `dtype`), v_coef [T, n_const] fp32
+    (gate · a2 per token: spec "Experts", the constant expert)."""
+    if grad_out.dtype == torch.float32 or grad_out.device.type != "cpu" or grad_out.shape[0] <= _FP32_CHUNK_ROWS:
+        return (v_coef.t() @ grad_out.float()).to(dtype)
+    total = v_coef.new_zeros((v_coef.shape[1], grad_out.shape[1]))
+    rows = grad_out.new_empty((_FP32_CHUNK_ROWS, grad_out.shape[1]), dtype=torch.float32)
+    for lo in range(0, grad_out.shape[0], _FP32_CHUNK_ROWS):
+        hi = min(lo + _FP32_CHUNK_ROWS, grad_out.shape[0])
+        chunk = rows[:hi - lo].copy_(grad_out[lo:hi])
+        total.addmm_(v_coef[lo:hi].t(), chunk)
+    return total.to(dtype)
 
 
 @combine_backward.register_fake
