@@ -100,9 +100,8 @@ def config_from_longcat_flash_moe(module: nn.Module, name: str = "module") -> Mo
         if (up_shape not in ((n_routed, 2 * ffn_size, d), (n, 2 * ffn_size, d))
                 or down_shape != (n_routed, d, ffn_size)):
             raise ValueError(f"{name}.experts: expected gate_up_proj [{n_routed} or {n}, {2 * ffn_size}, {d}] and "
-                             f"down_proj "
-                             f"[{n_routed}, {d}, {ffn_size}], got {list(up_shape)} and {list(down_shape)} "
-                             f"({SUPPORTED})")
+                             f"down_proj [{n_routed}, {d}, {ffn_size}], got {list(up_shape)} and "
+                             f"{list(down_shape)} ({SUPPORTED})")
     else:
         n_routed = sum(not isinstance(m, nn.Identity) for m in experts)
         if len(experts) != n:
