@@ -22,12 +22,12 @@ int64_t total_rows_cpu(const int32_t* total, int64_t rows) {
 
 // The SwiGLU row loops (see cpu_rows.h for why they look like this).
 template <typename T>
-MOEPP_CPU_CLONES void swiglu_row(const T* __restrict h, int64_t inner, T* __restrict out) {
+MOEPP_CPU_WIDE_CLONES void swiglu_row(const T* __restrict h, int64_t inner, T* __restrict out) {
   for (int64_t i = 0; i < inner; ++i) out[i] = from_float<T>(swiglu(to_float(h[i]), to_float(h[inner + i])));
 }
 
 template <typename T>
-MOEPP_CPU_CLONES void swiglu_backward_row(const T* __restrict h, const T* __restrict da, int64_t inner,
+MOEPP_CPU_WIDE_CLONES void swiglu_backward_row(const T* __restrict h, const T* __restrict da, int64_t inner,
                                           T* __restrict dh, T* __restrict out) {
   for (int64_t i = 0; i < inner; ++i) {
     float act, dgate, dup;
