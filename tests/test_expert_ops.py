@@ -129,9 +129,40 @@ def test_combine_matches_reference(device, dtype, d, scale):
     exact_grads = torch.autograd.grad((exact * grad.double()).sum(), exact_leaves, allow_unused=True)
     m = int(plan.offsets[-1])
     for name, a, b, e in zip(("x", "y", "weights", "const_logits", "const_value"), ours, ref, exact_grads):
-        if name == "y":  # rows past the plan's total are unused
+        if name == "y":  # rows past the plan's total: no slot reads them, their gradient is exactly 0
+            assert torch.equal(a[m:], torch.zeros_like(a[m:])), "grad y: rows no slot reads"
             a, b, e = a[:m], b[:m], e[:m]
         assert_matches(a, b, e, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_combine_backward_cpu_writes_every_row_of_grad_y(dtype, threads):
+    # The CPU op writes dy whole: the rows FFN slots read get their gradient, every other row
+    # (past the plan's total: slots of zero-computation experts) 0, into a buffer it never zeroes
+    # first; here one full of NaN. Token 0 sends all its slots to zero-computation experts.
+    from moepp_kernels._ops.combine import _inputs, layout_scalars
+
+    tokens, d, k = 23, 40, CFG.top_k
+    ids, weights = routing(tokens, CFG, "cpu", seed=4)
+    ids[0] = torch.arange(CFG.n_ffn, CFG.n_ffn + k, dtype=torch.int32)
+    plan = build_plan(ids, CFG.n_ffn)
+    g = torch.Generator().manual_seed(5)
+    x, grad_out = (torch.randn(tokens, d, generator=g).to(dtype) for _ in range(2))
+    y = torch.randn(tokens * k, d, generator=g).to(dtype)
+    mix, const_value = torch.randn(tokens, 2 * CFG.n_constant, generator=g), torch.randn(CFG.n_constant, d).to(dtype)
+    grad_y = torch.full_like(y, float("nan"))
+    outs = (torch.empty_like(x), torch.empty(tokens, k), torch.empty(tokens, 2 * CFG.n_constant),
+            torch.empty(tokens, CFG.n_constant))
+    _C.combine_backward(_inputs(x, y, ids, weights, plan.slot_row, mix, const_value),
+                        _C.ExpertLayout(*layout_scalars(CFG)[:4]), 1.0, view(grad_out), view(grad_y),
+                        *(view(t) for t in outs), threads, 0)
+    m = int(plan.offsets[-1])
+    assert torch.equal(grad_y[m:], torch.zeros_like(grad_y[m:]))
+    want = torch.zeros(tokens * k, d)
+    for t, j in zip(*torch.nonzero(ids < CFG.n_ffn, as_tuple=True)):
+        want[plan.slot_row[t, j]] = weights[t, j] * grad_out[t].float()
+    torch.testing.assert_close(grad_y.float(), want.to(dtype).float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

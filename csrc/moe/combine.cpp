@@ -1,6 +1,7 @@
 #include "combine.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../cpu_rows.h"
@@ -11,7 +12,26 @@ namespace moepp::moe {
 
 namespace {
 constexpr int64_t kTokensPerWorker = 32;
+constexpr int64_t kRowsPerWorker = 256;
+
+// dy's rows that no FFN slot reads get their true gradient, 0; the others are written by their
+// slot. (Zeroing all T * k rows first would write them twice, and most of dy is such rows when
+// many slots go to zero-computation experts: 83% at tau 0.1 in the 0.6B layout.)
+template <typename T>
+void zero_unread_rows(const CombineArgs<T>& a, int num_threads) {
+  const int64_t rows = a.tokens * a.k;
+  std::vector<uint8_t> read(rows, 0);
+  for (int64_t s = 0; s < rows; ++s) {
+    const int32_t e = a.ids[s];
+    if (e >= 0 && e < a.layout.n_ffn && in_range(a.slot_row[s], rows)) read[a.slot_row[s]] = 1;
+  }
+  parallel_for(rows, choose_workers(rows, num_threads, kRowsPerWorker), [&](int, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (!read[r]) std::memset(a.dy + r * a.dim, 0, sizeof(T) * a.dim);  // all-zero bits: 0 in fp32/fp16/bf16
+    }
+  });
 }
+}  // namespace
 
 // One token at a time: the sum of spec "Combine" as a sequence of whole-row passes in fp32,
 // each term in the order the CUDA kernel adds it.
@@ -39,6 +59,7 @@ void combine_cpu(const CombineArgs<T>& a, int num_threads) {
 
 template <typename T>
 void combine_backward_cpu(const CombineArgs<T>& a, int num_threads) {
+  zero_unread_rows(a, num_threads);
   parallel_for(a.tokens, choose_workers(a.tokens, num_threads, kTokensPerWorker), [&](int, int64_t begin, int64_t end) {
     float dot_v[kMaxSlots], dot_y[kMaxSlots];
     std::vector<float> g(a.dim);

@@ -47,6 +47,8 @@ struct CombineViews {
 
 void combine_forward(const CombineViews& in, const ExpertLayout& layout, float scale, const TensorView& out,
                      int num_threads, uintptr_t stream);
+// dy's rows that no FFN slot reads must hold 0 on return: the CPU twin writes them; on CUDA the
+// caller zeroes dy first (a memset), and the kernel writes the rows slots read.
 void combine_backward(const CombineViews& in, const ExpertLayout& layout, float scale, const TensorView& dout,
                       const TensorView& dy, const TensorView& dx, const TensorView& dweights, const TensorView& dmix,
                       const TensorView& v_coef, int num_threads, uintptr_t stream);

@@ -55,7 +55,9 @@ def combine_backward(grad_out: Tensor, x: Tensor, y: Tensor, topk_ids: Tensor, t
     tokens, k = topk_ids.shape
     n_const = const_value.shape[0]
     grad_x = torch.empty_like(x)
-    grad_y = new_buffer(y, y.shape).zero_()  # rows no slot reads get their true gradient, 0
+    grad_y = new_buffer(y, y.shape)
+    if y.device.type != "cpu":  # rows no slot reads get their true gradient, 0 (the CPU op writes them)
+        grad_y.zero_()
     grad_weights = topk_weights.new_empty((tokens, k))
     grad_logits = const_logits.new_empty((tokens, 2 * n_const))
     v_coef = const_logits.new_empty((tokens, n_const))
