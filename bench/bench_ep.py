@@ -96,11 +96,17 @@ def step_ms(layers: dict, x: torch.Tensor, reps: int) -> dict:
     so that the VM's drifting speed weighs on both alike; on a GPU each step is timed from a
     synchronised start to its synchronised end."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    def step(layer):  # a training step's layer work: grads start unset, as after zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    gen = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(x.shape, generator=gen).to(x)
+
+    def step(layer):
+        """A training step's layer work: grads start unset, as after zero_grad(set_to_none=True); the
+        backward runs from a fixed upstream gradient (as conftest.step's, not a loss's ops)."""
         layer.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        out, logits = layer(xi)
-        (out.square().mean() + logits.mean()).backward()
+        x.grad = None
+        out, logits = layer(x)
+        torch.autograd.backward((out, logits), (grad_out, torch.ones_like(logits)))
 
     times = {impl: [] for impl in layers}
     for layer in layers.values():

@@ -97,7 +97,7 @@ def bench_layer(measure, quick, preset, tokens, device, dtype, mode, impl):
     layer.gemm_backend = backend
     run = (lambda: layer(x, prev)) if impl.startswith("fused") else (lambda: R.moepp_layer(x, params, cfg, prev))
     x.requires_grad_(mode != "forward")
-    fn = step(run, mode, lambda result: result[0].float().square().sum() + result[1].sum())
+    fn = step(run, mode, layer, inputs=(x,))  # the reference shares the layer's parameters
     measure(f"layer {device} {preset} T={tokens} {str(dtype)[6:]} {mode}", impl, device, fn)
 
 

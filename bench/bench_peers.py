@@ -79,7 +79,7 @@ def bench_peers(record_result, quick, device, dtype, peer, mode):
             out = module(x)
             return out[0] if isinstance(out, tuple) else out
 
-        fns[impl] = step(run, mode, lambda out: out.float().square().mean(), module)
+        fns[impl] = step(run, mode, module, inputs=(x,))
     # forward + backward runs seconds a call on the CPU (transformers' LongCat far longer): fewer rounds, one call each
     clocks = {"nvml_before": nvml_snapshot()} if device == "cuda" else {}
     rounds = interleaved_ms(fns, device, rounds=2 if quick else (5 if mode == "forward" else 3),

@@ -52,19 +52,33 @@ def device_dtypes() -> list:
             for device, dtypes in DTYPES.items() for dtype in dtypes]
 
 
-def step(run, mode: str, loss, module: torch.nn.Module | None = None):
-    """What measure times: run() under no_grad for mode "forward"; else loss(run()).backward(),
-    after setting `module`'s grads to None when given (a training step's start)."""
+def step(run, mode: str, module: torch.nn.Module | None = None, inputs: tuple = ()):
+    """What measure times: run() under no_grad for mode "forward"; else run() and the backward
+    of its outputs that require grad from a fixed upstream gradient each (unit normal, drawn on
+    the first call), after setting the grads of `module`'s parameters and of `inputs` to None
+    (a training step's start). Not a loss: a loss's own ops (an fp32 copy of the output, its
+    square, the mean's backward, with fresh [T, D] buffers every step) are no layer's work, cost
+    every implementation alike and so only dilute the ratios; a unit-scale gradient also keeps
+    the backward clear of the denormals a mean's tiny gradient can produce."""
     if mode == "forward":
         def fn():
             with torch.no_grad():
                 return run()
         return fn
 
+    upstream: list = []
+
     def fn():
         if module is not None:
             module.zero_grad(set_to_none=True)
-        loss(run()).backward()
+        for tensor in inputs:
+            tensor.grad = None
+        out = run()
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        if not upstream:
+            gen = torch.Generator().manual_seed(2)
+            upstream.extend(torch.randn(o.shape, generator=gen).to(o) for o in outs)
+        torch.autograd.backward(outs, upstream)
     return fn
 
 
