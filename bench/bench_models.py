@@ -2,7 +2,7 @@
 LongcatFlashMoE modules vs replace_longcat_flash_moe) and a small MoE++ model
 with the authors' released layer contract (tests/released_moepp.py, their
 per-expert loop, vs replace_moepp_layers); prefill forward and forward+backward,
-tokens/s and the ratio."""
+tokens/s and the ratio with its spread over interleaved rounds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import device_dtypes, step
+from conftest import device_dtypes, interleaved_ms, round_record, step
+from telemetry import nvml_snapshot
 
 from moepp_kernels import replace_moepp_layers
 from moepp_kernels.integrations import replace_longcat_flash_moe
@@ -58,23 +59,31 @@ MODELS = {"longcat-flash": longcat_flash, "moepp-released": released_moepp_model
 @pytest.mark.parametrize("device, dtype", device_dtypes())
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
-@pytest.mark.parametrize("impl", ["original", "swapped"])
-def bench_model(measure, quick, device, dtype, model_name, mode, impl):
+def bench_model(record_result, quick, device, dtype, model_name, mode):
+    """The model with its own MoE modules and with ours swapped in, timed in alternating rounds
+    (interleaved_ms): on a VM whose speed drifts, separate runs would compare different machines."""
     size = SIZES["quick" if quick else device]
     torch.manual_seed(0)
-    model, swap = MODELS[model_name](size)
-    model = model.to(device=device, dtype=dtype)
-    if impl == "swapped":
-        model = copy.deepcopy(model)
-        swap(model)
+    original, swap = MODELS[model_name](size)
+    original = original.to(device=device, dtype=dtype)
+    swapped = copy.deepcopy(original)
+    swap(swapped)
     batch, seq = size["tokens"]
     ids = torch.randint(0, VOCAB, (batch, seq), device=device, generator=torch.Generator().manual_seed(1))
+    fns = {}
+    for impl, model in (("original", original), ("swapped", swapped)):
+        def logits(model=model):
+            out = model(ids)
+            return out if isinstance(out, torch.Tensor) else out.logits
 
-    def logits():
-        out = model(ids)
-        return out if isinstance(out, torch.Tensor) else out.logits
-
-    model.train(mode != "forward")
-    fn = step(logits, mode, model)
-    measure(f"model {device} {model_name} T={batch * seq} {str(dtype)[6:]} {mode}", impl, device, fn,
-            extra={"tokens": batch * seq})
+        model.train(mode != "forward")
+        fns[impl] = step(logits, mode, model)
+    clocks = {"nvml_before": nvml_snapshot()} if device == "cuda" else {}
+    rounds = interleaved_ms(fns, device, rounds=2 if quick else 5, reps=3 if mode == "forward" else 2)
+    if device == "cuda":
+        clocks["nvml_after"] = nvml_snapshot()
+    tokens = batch * seq
+    for impl, round_ms in rounds.items():
+        record = round_record(device, round_ms)
+        record_result(f"model {device} {model_name} T={tokens} {str(dtype)[6:]} {mode}", impl,
+                      {**record, **clocks, "tokens": tokens, "tokens_per_s": tokens / (record["median_ms"] * 1e-3)})

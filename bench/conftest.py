@@ -236,6 +236,8 @@ def _derived(impls: dict) -> dict:
                                                                                    rounds["fused"])]
     if "original" in ms and "swapped" in ms:  # a whole model, its own MoE modules vs ours swapped in
         out["speedup_vs_original"] = ms["original"] / ms["swapped"]
+        if rounds["original"] and rounds["swapped"]:  # measured interleaved: the ratio round by round
+            out["speedup_vs_original_rounds"] = [o / s for o, s in zip(rounds["original"], rounds["swapped"])]
     if "dense" in ms:
         out["efficiency_vs_dense"] = {k: ms["dense"] / v for k, v in ms.items() if k != "dense"}
     if "layer" in impls:
@@ -295,6 +297,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                            if "bytes_vs_predicted" in derived else ""))
             elif impl == "swapped" and "speedup_vs_original" in derived:
                 note = f"{derived['speedup_vs_original']:.2f}x the model's own MoE modules"
+                if "speedup_vs_original_rounds" in derived:
+                    by_round = derived["speedup_vs_original_rounds"]
+                    note += f" ({min(by_round):.2f}-{max(by_round):.2f} by round)"
             elif "share_of_layer" in derived and impl in derived["share_of_layer"]:
                 note = f"{100 * derived['share_of_layer'][impl]:.1f}% of layer"
             elif "efficiency_vs_dense" in derived and impl in derived["efficiency_vs_dense"]:

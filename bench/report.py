@@ -95,7 +95,7 @@ def render(summary: dict) -> str:
         + f"{100 * c['impls']['fused'].get('fraction_of_copy_bw', 0):.0f}% of copy bandwidth"))
     models = simple_rows(cases, "model ", lambda n, c: (
         f"- {n}: swapped {c['impls']['swapped']['tokens_per_s']:,.0f} tokens/s, "
-        f"{c['speedup_vs_original']:.2f}x the model's own MoE modules "
+        f"{c['speedup_vs_original']:.2f}x the model's own MoE modules{spread(c, 'speedup_vs_original_rounds')} "
         f"({c['impls']['original']['tokens_per_s']:,.0f} tokens/s)"))
     peers = simple_rows(cases, "peers ", lambda n, c: (
         f"- {n}: fused {c['impls']['fused']['median_ms']:.1f} ms, {c['speedup_vs_peer']:.2f}x {c['peer']}"
