@@ -1,6 +1,7 @@
 """MoE++ layer benchmark: the fused layer vs the plain-PyTorch reference
 (per-expert loop), forward and forward+backward, side by side, with the time of
-the experts' GEMMs alone (the floor under both, which bounds any speedup); and
+the layer's GEMMs alone (the gate's and the experts': the floor under both, which
+bounds any speedup); and
 the router, permutation plan and combine epilogue as shares of the layer's
 forward."""
 
@@ -46,10 +47,32 @@ def cases(with_dtypes: bool = False) -> list:
     return out
 
 
+def gate_gemms(layer: MoEPPLayer, x: torch.Tensor, backward: bool):
+    """The gate's fp32 GEMMs (logits = x·Wᵀ, through the hidden layer of a two-layer gate; with the
+    backward, each weight's and input's gradient) on preallocated operands, fp32 x included."""
+    r = layer.router
+    weights = [r.gate_weight] if layer.config.gate_depth == 1 else [r.gate_w1, r.gate_w2]
+    weights = [w.detach() for w in weights]
+    acts = [x.detach().float()]
+    for w in weights:
+        acts.append(acts[-1].new_empty((acts[-1].shape[0], w.shape[0])))
+    grad_w, grad_a = [torch.empty_like(w) for w in weights], [torch.empty_like(a) for a in acts[:-1]]
+
+    def run():
+        for i, w in enumerate(weights):
+            torch.matmul(acts[i], w.t(), out=acts[i + 1])
+        if backward:  # acts[i + 1] stands in for its own gradient (same shape)
+            for i in reversed(range(len(weights))):
+                torch.matmul(acts[i + 1].t(), acts[i], out=grad_w[i])
+                torch.matmul(acts[i + 1], weights[i], out=grad_a[i])
+    return run
+
+
 def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backward: bool):
-    """Only the FFN experts' per-expert GEMMs of the layer (2 per expert, 6 with the
-    backward) on preallocated operands: the time both the fused layer and the
-    reference spend in the same matmuls, i.e. the floor under either of them."""
+    """Only the layer's GEMMs on preallocated operands: the gate's (gate_gemms) and the FFN
+    experts' per-expert ones (2 per expert, 6 with the backward). Every implementation of the
+    layer runs these same matmuls (the reference, the authors' loop, transformers' module), so
+    their time is the floor under any of them (gemm_floor)."""
     cfg = layer.config
     with torch.no_grad():
         route = fused_router(layer.router.gate_logits(x), cfg, prev_logits=prev,
@@ -60,8 +83,10 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     xg, h, y = x.new_empty(rows, d).normal_(), x.new_empty(rows, 2 * i), x.new_empty(rows, d)
     act = x.new_empty(rows, i)
     dx, dup, ddown = torch.empty_like(xg), torch.empty_like(up), torch.empty_like(down)
+    gate = gate_gemms(layer, x, backward)
 
     def run():
+        gate()
         for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
             if hi == lo:
                 continue

@@ -2,7 +2,7 @@
 side: the authors' released MoE++ layer (its per-expert Python loop, as the test
 double tests/released_moepp.py reproduces it from the spec) at the paper's 0.6B
 layout, and transformers' LongcatFlashMoE; forward and forward+backward, with the
-experts' GEMMs alone (gemm_floor) as the bound under all of them."""
+layer's GEMMs alone (the gate's and the experts': gemm_floor) as the bound under all of them."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def render(summary: dict) -> str:
                       "the reference" + peak(c, "reference")
                       + "".join(f"; {b} backend {c[f'speedup_{b}']:.2f}x{peak(c, f'fused_{b}')}"
                                 for b in ("triton", "cutlass") if f"speedup_{b}" in c)
-                      + (f"; the experts' GEMMs alone bound any speedup at {c['speedup_bound']:.2f}x"
+                      + (f"; the layer's GEMMs alone bound any speedup at {c['speedup_bound']:.2f}x"
                          if "speedup_bound" in c else "")
                       if "speedup" in c else
                       "router + plan + combine = "
@@ -100,7 +100,7 @@ def render(summary: dict) -> str:
     peers = simple_rows(cases, "peers ", lambda n, c: (
         f"- {n}: fused {c['impls']['fused']['median_ms']:.1f} ms, {c['speedup_vs_peer']:.2f}x {c['peer']}"
         + spread(c, "speedup_vs_peer_rounds")
-        + (f", {c['fraction_of_gemm_floor']:.2f} of the experts' GEMMs alone"
+        + (f", {c['fraction_of_gemm_floor']:.2f} of the layer's GEMMs alone"
            + spread(c, "fraction_of_gemm_floor_rounds") if "fraction_of_gemm_floor" in c else "")))
     ep = simple_rows(cases, "ep ", lambda n, c: (
         f"- {n}: wire bytes {c['bytes_vs_vanilla_ep']:.3f}x vanilla EP's (FFN share {c['ffn_share']:.3f})"

@@ -59,7 +59,7 @@ def test_report_and_plot(tmp_path):
     assert "Throttled" in text and "NVIDIA H200" in text
     assert ("swapped 819,200 tokens/s, 3.00x the model's own MoE modules (2.90-3.10 over 2 interleaved rounds) "
             "(273,067 tokens/s)") in text
-    assert "fused 200.0 ms, 1.20x released_loop, 0.95 of the experts' GEMMs alone" in text
+    assert "fused 200.0 ms, 1.20x released_loop, 0.95 of the layer's GEMMs alone" in text
     assert ("wire bytes 0.500x vanilla EP's (FFN share 0.500), 0.500x remap-to-expert-0's; step 1.60x vanilla EP "
             "(ideal 2.00x, 0.80 of it)") in text
     assert ("1.33x the plain torch ops (1.30-1.40 over 2 interleaved rounds), (the residual GEMM both run bounds "
