@@ -46,14 +46,14 @@ def _check_weights(config: MoEPPConfig, x: Tensor, up: Tensor, down: Tensor, con
         check_tensor(name, t, dtypes=(x.dtype,), shape=shape, device=x.device)
 
 
-def _gate_and_mix(x32: Tensor, config: MoEPPConfig, gate_weight: Optional[Tensor], gate_w1: Optional[Tensor],
+def _gate_and_mix(x: Tensor, config: MoEPPConfig, gate_weight: Optional[Tensor], gate_w1: Optional[Tensor],
                   gate_w2: Optional[Tensor], const_gate: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Router logits [T, N] and constant-expert mixing logits [T, 2C] (of x_e) in
-    fp32, from one GEMM over x (the mixing weights ride along with the gate's)."""
+    fp32, from one fp32 GEMM over x [T, D] (the mixing weights ride along with the gate's)."""
     d = config.hidden_size
     first = gate_weight if config.gate_depth == 1 else gate_w1
     width = first.shape[0]
-    both = F.linear(x32, torch.cat([first, const_gate.reshape(-1, d).float()]))
+    both = call_op(torch.ops.moepp.gate_linear, x, torch.cat([first, const_gate.reshape(-1, d).float()]))
     logits = both[:, :width] if config.gate_depth == 1 else F.linear(torch.tanh(both[:, :width]), gate_w2)
     mix = both[:, width:] * scale
     return logits.contiguous(), mix.contiguous()
@@ -65,7 +65,7 @@ def _route_tokens(x2: Tensor, config: MoEPPConfig, gate_weight: Optional[Tensor]
                   ) -> tuple[RouterOutput, Tensor]:
     """The layer's routing step for x2 [T, D]: (the RouterOutput, the constant experts' mixing
     logits [T, 2C]). G applies only with prev_logits (every MoE++ layer but the first)."""
-    logits, mix = _gate_and_mix(x2.float(), config, gate_weight, gate_w1, gate_w2, const_gate, config.input_scale)
+    logits, mix = _gate_and_mix(x2, config, gate_weight, gate_w1, gate_w2, const_gate, config.input_scale)
     route = fused_router(logits, config, prev_logits=prev_logits,
                          residual_weight=residual_weight if prev_logits is not None else None,
                          selection_bias=selection_bias, return_stats=return_stats)

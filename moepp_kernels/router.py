@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import _C
 from ._ops import call_op
+from ._ops import gate as _gate  # noqa: F401 (registers moepp::gate_linear)
 from ._ops.router import router_scalars
 from ._tensors import check_backend, check_tensor
 from .capacity import apply_capacity
@@ -163,10 +164,9 @@ class MoEPPRouter(nn.Module):
 
     def gate_logits(self, x: Tensor) -> Tensor:
         """fp32 logits [T, N] for x [T, D] (any float dtype)."""
-        x32 = x.float()
-        if self.config.gate_depth == 1:
-            return F.linear(x32, self.gate_weight)
-        return F.linear(torch.tanh(F.linear(x32, self.gate_w1)), self.gate_w2)
+        first = self.gate_weight if self.config.gate_depth == 1 else self.gate_w1
+        h = call_op(torch.ops.moepp.gate_linear, x, first)
+        return h if self.config.gate_depth == 1 else F.linear(torch.tanh(h), self.gate_w2)
 
     def forward(self, x: Tensor, prev_logits: Optional[Tensor] = None, return_stats: bool = False) -> RouterOutput:
         """Route x [..., D] (flattened to [T, D]); prev_logits [T, N] from the previous layer."""

@@ -54,7 +54,13 @@ def cases():
     x, up, down = grad(t["x"], t["up"], t["down"])
     cx, cy, cw, cm, cv = grad(t["x"], t["y"], t["weights"], t["mix"], t["value"])
     routed = torch.randn_like(t["logits"])
+    gate_w = torch.randn(CFG.n_experts, CFG.hidden_size)
+    long_x = torch.randn(600, CFG.hidden_size).bfloat16()  # the CPU's 512-row chunks and a tail
     return {
+        "gate_linear": (torch.ops.moepp.gate_linear, tuple(grad(t["x"], gate_w))),
+        "gate_linear (bf16, chunked)": (torch.ops.moepp.gate_linear, tuple(grad(long_x, gate_w))),
+        "gate_linear_backward": (torch.ops.moepp.gate_linear_backward,
+                                 (torch.randn(600, CFG.n_experts), long_x, gate_w)),
         "router_forward (residual, stats)": (torch.ops.moepp.router_forward,
                                              (logits, prev, G, t["bias"], *rs, True)),
         "router_forward (first layer)": (torch.ops.moepp.router_forward,
