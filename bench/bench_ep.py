@@ -17,6 +17,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import step
 from synthetic import TAUS, ideal_speedup, target_share, vanilla_config
 
 from moepp_kernels import MoEPPConfig, MoEPPLayer, fused_router
@@ -92,31 +93,23 @@ def predicted_bytes(cfg: MoEPPConfig, layer: MoEPPLayer, x: torch.Tensor, rank: 
 
 
 def step_ms(layers: dict, x: torch.Tensor, reps: int) -> dict:
-    """{impl: median step ms of the slowest rank}, the layers' steps interleaved (a, b, a, b, ...)
+    """{impl: median step ms of the slowest rank}, the layers' steps (conftest.step's training
+    step: forward, then the backward from a fixed upstream gradient) interleaved (a, b, a, b, ...)
     so that the VM's drifting speed weighs on both alike; on a GPU each step is timed from a
     synchronised start to its synchronised end."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     x = x.detach().requires_grad_()
-    gen = torch.Generator().manual_seed(2)
-    grad_out = torch.randn(x.shape, generator=gen).to(x)
-
-    def step(layer):
-        """A training step's layer work: grads start unset, as after zero_grad(set_to_none=True); the
-        backward runs from a fixed upstream gradient (as conftest.step's, not a loss's ops)."""
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        out, logits = layer(x)
-        torch.autograd.backward((out, logits), (grad_out, torch.ones_like(logits)))
-
+    steps = {impl: step(lambda layer=layer: layer(x), "forward_backward", layer, inputs=(x,))
+             for impl, layer in layers.items()}
     times = {impl: [] for impl in layers}
-    for layer in layers.values():
-        step(layer)
+    for fn in steps.values():
+        fn()
     for _ in range(reps):
-        for impl, layer in layers.items():
+        for impl, fn in steps.items():
             sync()
             dist.barrier()
             start = time.perf_counter()
-            step(layer)
+            fn()
             sync()
             times[impl].append(time.perf_counter() - start)
     out = {}
