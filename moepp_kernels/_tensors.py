@@ -41,6 +41,26 @@ def new_buffer(like: Tensor, shape: Sequence[int]) -> Tensor:
     return torch.frombuffer(_C.host_block(nbytes), dtype=like.dtype, count=numel).view(shape)
 
 
+# Rows of a bf16 / fp16 CPU tensor converted to fp32 at a time by fp32_row_chunks.
+FP32_CHUNK_ROWS = 512
+
+
+def converts_in_chunks(x: Tensor) -> bool:
+    """Whether an fp32 product over x's rows should read them through fp32_row_chunks: a bf16 /
+    fp16 CPU tensor of more than one chunk, whose whole fp32 copy would be a fresh buffer,
+    faulted in on every call (on a GPU that copy is a cheap transient; fp32 needs none)."""
+    return x.dtype != torch.float32 and x.device.type == "cpu" and x.shape[0] > FP32_CHUNK_ROWS
+
+
+def fp32_row_chunks(x: Tensor):
+    """(lo, hi, x[lo:hi] in fp32) over x's rows [T, D], FP32_CHUNK_ROWS at a time, every chunk
+    in the same reused buffer (valid until the next one)."""
+    buf = x.new_empty((FP32_CHUNK_ROWS, x.shape[1]), dtype=torch.float32)
+    for lo in range(0, x.shape[0], FP32_CHUNK_ROWS):
+        hi = min(lo + FP32_CHUNK_ROWS, x.shape[0])
+        yield lo, hi, buf[:hi - lo].copy_(x[lo:hi])
+
+
 def check_tensor(name: str, t: object, *, dtypes: Sequence[torch.dtype], shape: Sequence[int | None] | None = None,
                  device: torch.device | None = None) -> Tensor:
     """Raises TypeError (not a tensor, wrong dtype) or ValueError (shape, device,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from .._tensors import new_buffer, stream_handle, view
+from .._tensors import converts_in_chunks, fp32_row_chunks, new_buffer, stream_handle, view
 from ..config import MoEPPConfig
 from . import custom_op, per_config
 
@@ -68,22 +68,15 @@ def combine_backward(grad_out: Tensor, x: Tensor, y: Tensor, topk_ids: Tensor, t
     return grad_x, grad_y, grad_weights, grad_logits, _grad_const_value(v_coef, grad_out, const_value.dtype)
 
 
-# Rows of grad_out converted to fp32 at a time for the constant experts' value gradient on the
-# CPU: a [T, D] fp32 copy of it would be a fresh buffer, faulted in on every step.
-_FP32_CHUNK_ROWS = 512
-
-
 def _grad_const_value(v_coef: Tensor, grad_out: Tensor, dtype: torch.dtype) -> Tensor:
     """dv_c = Σ_t v_coef[t, c] · grad_out[t] in fp32 ([n_const, D] in `dtype`), v_coef [T, n_const] fp32
-    (gate · a2 per token: spec "Experts", the constant expert)."""
-    if grad_out.dtype == torch.float32 or grad_out.device.type != "cpu" or grad_out.shape[0] <= _FP32_CHUNK_ROWS:
+    (gate · a2 per token: spec "Experts", the constant expert). A bf16 / fp16 grad_out on the CPU
+    is read a chunk of rows at a time (_tensors.fp32_row_chunks), not as a [T, D] fp32 copy."""
+    if not converts_in_chunks(grad_out):
         return (v_coef.t() @ grad_out.float()).to(dtype)
     total = v_coef.new_zeros((v_coef.shape[1], grad_out.shape[1]))
-    rows = grad_out.new_empty((_FP32_CHUNK_ROWS, grad_out.shape[1]), dtype=torch.float32)
-    for lo in range(0, grad_out.shape[0], _FP32_CHUNK_ROWS):
-        hi = min(lo + _FP32_CHUNK_ROWS, grad_out.shape[0])
-        chunk = rows[:hi - lo].copy_(grad_out[lo:hi])
-        total.addmm_(v_coef[lo:hi].t(), chunk)
+    for lo, hi, rows in fp32_row_chunks(grad_out):
+        total.addmm_(v_coef[lo:hi].t(), rows)
     return total.to(dtype)
 
 

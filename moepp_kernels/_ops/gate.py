@@ -4,9 +4,9 @@
 
 and its backward, with no fp32 copy of x kept for the backward (autograd keeps x itself,
 which the layer's other ops keep anyway): `F.linear(x.float(), W)` would keep one, an
-activation twice x's size per layer in bf16. On the CPU, bf16 / fp16 rows are converted
-512 at a time into one reused fp32 buffer (a whole [T, D] fp32 copy would be a fresh buffer,
-faulted in on every call); elsewhere the fp32 copy is a transient of the op.
+activation twice x's size per layer in bf16. On the CPU, bf16 / fp16 rows are converted a
+chunk at a time into one reused fp32 buffer (_tensors.fp32_row_chunks); elsewhere the fp32
+copy is a transient of the op.
 """
 
 from typing import Tuple
@@ -14,28 +14,15 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .._tensors import converts_in_chunks, fp32_row_chunks
 from . import custom_op
-
-_CHUNK_ROWS = 512
-
-
-def _in_chunks(x: Tensor) -> bool:
-    return x.dtype != torch.float32 and x.device.type == "cpu" and x.shape[0] > _CHUNK_ROWS
-
-
-def _row_chunks(x: Tensor):
-    """(lo, hi, x[lo:hi] in fp32) over x's rows, each chunk in the same reused buffer."""
-    buf = x.new_empty((_CHUNK_ROWS, x.shape[1]), dtype=torch.float32)
-    for lo in range(0, x.shape[0], _CHUNK_ROWS):
-        hi = min(lo + _CHUNK_ROWS, x.shape[0])
-        yield lo, hi, buf[:hi - lo].copy_(x[lo:hi])
 
 
 def _gate_linear(x: Tensor, weight: Tensor) -> Tensor:
-    if not _in_chunks(x):
+    if not converts_in_chunks(x):
         return torch.matmul(x.float(), weight.t())
     out = x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
-    for lo, hi, rows in _row_chunks(x):
+    for lo, hi, rows in fp32_row_chunks(x):
         torch.matmul(rows, weight.t(), out=out[lo:hi])
     return out
 
@@ -51,11 +38,11 @@ def _gate_linear_fake(x, weight):
 @torch.library.custom_op("moepp::gate_linear_backward", mutates_args=())
 def gate_linear_backward(grad: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     """(dx = grad·W in x's dtype, dW = gradᵀ·x in fp32) for grad [T, N] fp32."""
-    if not _in_chunks(x):
+    if not converts_in_chunks(x):
         return torch.matmul(grad, weight).to(x.dtype), torch.matmul(grad.t(), x.float())
     grad_x = torch.empty_like(x)
     grad_weight = torch.zeros_like(weight)
-    for lo, hi, rows in _row_chunks(x):
+    for lo, hi, rows in fp32_row_chunks(x):
         grad_weight.addmm_(grad[lo:hi].t(), rows)
         grad_x[lo:hi].copy_(torch.matmul(grad[lo:hi], weight, out=rows))  # rows is free again
     return grad_x, grad_weight
