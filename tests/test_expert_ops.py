@@ -221,8 +221,8 @@ def test_swiglu_element_math_over_the_float_range():
 @pytest.mark.parametrize("scale", [1.0, 0.7, 3e-3, 3.0])  # exact round trip, rounding, subnormals, overflow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_conversions_match_torch_for_every_16_bit_value(dtype, scale):
-    """The gather computes dtype(scale * float(x)): for all 65536 bit patterns of x it
-    matches torch's conversions bit for bit (NaNs as NaNs)."""
+    """The gather computes dtype(scale * float(x)) (at scale 1 it copies x's rows): for all 65536
+    bit patterns of x it matches torch's conversions bit for bit (NaNs as NaNs)."""
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)
     rows = x.shape[0]
     out = torch.empty_like(x)
@@ -347,7 +347,7 @@ def test_kernels_skip_indices_outside_their_buffers():
 
 def test_torch_backward_windows_few_row_products(monkeypatch):
     """The torch backend's dy · V_e over a 192-row window (MKL's few-rows kernel at 8 KiB weight
-    rows, one thread, fp32: _ops/expert_ffn._grad_a): experts of 95 (not windowed), 96, 150 and
+    rows, one thread, fp32: _ops/expert_ffn._windowed_grad_a): experts of 95 (not windowed), 96, 150 and
     191 rows (windowed; the first window starts at row 0, the last ends at the last valid row),
     30 and 192 (not windowed), against the per-expert reference."""
     from moepp_kernels._ops import expert_ffn as ops
@@ -363,26 +363,26 @@ def test_torch_backward_windows_few_row_products(monkeypatch):
     x = torch.randn(ids.shape[0], d, generator=g).requires_grad_()
     up = (torch.randn(len(counts), 2 * i, d, generator=g) / d**0.5).requires_grad_()
     down = (torch.randn(len(counts), d, i, generator=g) / i**0.5).requires_grad_()
-    seen, grad_a = [], ops._grad_a
+    seen, grad_a = [], ops._windowed_grad_a
 
-    def counting_grad_a(dy_all, down_e, lo, hi, valid_rows, windowed, out):
-        seen.append((hi - lo, windowed))
-        return grad_a(dy_all, down_e, lo, hi, valid_rows, windowed, out)
+    def counting_grad_a(dy_all, down_e, lo, hi, valid_rows, out):
+        seen.append(hi - lo)
+        return grad_a(dy_all, down_e, lo, hi, valid_rows, out)
 
-    monkeypatch.setattr(ops, "_grad_a", counting_grad_a)
+    monkeypatch.setattr(ops, "_windowed_grad_a", counting_grad_a)
     y = expert_ffn(x, up, down, plan, top_k=1, backend="torch")
     grad = torch.randn(y.shape, generator=g)
-    products, matmul = [], torch.matmul
+    products, mm = [], torch.mm
 
-    def counting_matmul(a, b, **kwargs):
+    def counting_mm(a, b, **kwargs):
         if tuple(b.shape) == (d, i):  # dy · V_e: the rows it ran over
             products.append(a.shape[0])
-        return matmul(a, b, **kwargs)
+        return mm(a, b, **kwargs)
 
-    monkeypatch.setattr(torch, "matmul", counting_matmul)
+    monkeypatch.setattr(torch, "mm", counting_mm)
     ours = torch.autograd.grad((y * grad).sum(), (x, up, down))
-    monkeypatch.setattr(torch, "matmul", matmul)
-    assert sorted(seen) == sorted((c, True) for c in counts)
+    monkeypatch.setattr(torch, "mm", mm)
+    assert sorted(seen) == sorted(counts)
     assert sorted(products) == [30, 95, 192, 192, 192, 192]  # 96, 150 and 191 over their windows
     rows = plan.row_src.long()
     experts = ids.flatten()[rows].long()
