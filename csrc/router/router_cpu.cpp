@@ -355,21 +355,29 @@ void forward_cpu(const RouterOptions& opt, const ForwardArgs<T>& a, int num_thre
   }
 }
 
+// The backward of tokens [begin, end): like route_range, one clone per instruction set
+// holds the whole token loop, so route_token_backward's row loops are compiled for its vectors.
 template <typename T>
-void backward_cpu(const RouterOptions& opt, const BackwardArgs<T>& a, int num_threads) {
+MOEPP_CPU_CLONES void backward_range(const RouterOptions& opt, const BackwardArgs<T>& a, int64_t begin, int64_t end,
+                                     T* buf) {
   const int n = opt.num_experts;
   const int k = opt.top_k;
-  const int workers = choose_workers(a.tokens, num_threads, tokens_per_worker(n));
+  for (int64_t t = begin; t < end; ++t) {
+    T* grad_logits = a.grad_logits + t * n;
+    route_token_backward(SerialGroup{}, opt, a.ids + t * k, a.grad_weights ? a.grad_weights + t * k : nullptr,
+                         a.grad_logits_out ? a.grad_logits_out + t * n : nullptr, a.grad_prob_sum,
+                         static_cast<const T*>(nullptr), n, grad_logits, static_cast<T*>(nullptr), a.routed + t * n,
+                         buf);
+    if (a.grad_prev != nullptr) residual_backward(n, grad_logits, a.G, a.grad_prev + t * n);
+  }
+}
+
+template <typename T>
+void backward_cpu(const RouterOptions& opt, const BackwardArgs<T>& a, int num_threads) {
+  const int workers = choose_workers(a.tokens, num_threads, tokens_per_worker(opt.num_experts));
   parallel_for(a.tokens, workers, [&](int, int64_t begin, int64_t end) {
-    std::vector<T> buf(n);
-    for (int64_t t = begin; t < end; ++t) {
-      T* grad_logits = a.grad_logits + t * n;
-      route_token_backward(SerialGroup{}, opt, a.ids + t * k, a.grad_weights ? a.grad_weights + t * k : nullptr,
-                           a.grad_logits_out ? a.grad_logits_out + t * n : nullptr, a.grad_prob_sum,
-                           static_cast<const T*>(nullptr), n, grad_logits, static_cast<T*>(nullptr),
-                           a.routed + t * n, buf.data());
-      if (a.grad_prev != nullptr) residual_backward(n, grad_logits, a.G, a.grad_prev + t * n);
-    }
+    std::vector<T> buf(opt.num_experts);
+    backward_range(opt, a, begin, end, buf.data());
   });
 }
 
