@@ -46,31 +46,53 @@ def _swiglu(h: Tensor, offsets: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def _expert_slices(offsets: Tensor):
-    """(e, lo, hi, count) per expert with rows (hi > lo), count being a one-element device
-    tensor holding hi - lo (a one-expert plan for the pointwise kernels), and the largest
-    hi - lo. Empty experts are left out: a decode step's few rows touch a few of them."""
-    bounds = offsets.tolist()
-    counts = offsets[1:] - offsets[:-1]
-    slices = [(e, lo, hi, counts[e:e + 1]) for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo]
-    return slices, max((hi - lo for _, lo, hi, _ in slices), default=0)
+class _ExpertRows:
+    """The experts with rows (hi > lo) of a plan, in order, and per-expert views made in bulk:
+    one split or unbind per tensor instead of a Python slice per expert and tensor (a decode
+    step's few rows touch few experts, so empty ones are left out).
+
+    experts: ids e; bounds: (lo, hi) of each; counts: one-element device tensors holding
+    hi - lo (a one-expert plan for the pointwise kernels); widest: the largest hi - lo."""
+
+    def __init__(self, offsets: Tensor):
+        bounds = offsets.tolist()
+        self._sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        self.experts = [e for e, n in enumerate(self._sizes) if n > 0]
+        self.bounds = [(bounds[e], bounds[e + 1]) for e in self.experts]
+        self.rows = bounds[-1]
+        self.widest = max((hi - lo for lo, hi in self.bounds), default=0)
+        all_counts = (offsets[1:] - offsets[:-1]).split(1)
+        self.counts = [all_counts[e] for e in self.experts]
+
+    def rows_of(self, t: Tensor) -> list:
+        """t[lo:hi] of each expert."""
+        parts = t[:self.rows].split(self._sizes)
+        return [parts[e] for e in self.experts]
+
+    def first_rows(self, buffer: Tensor) -> list:
+        """buffer[:hi - lo] of each expert (a buffer reused from expert to expert)."""
+        return [buffer[:hi - lo] for lo, hi in self.bounds]
+
+    def weights(self, w: Tensor) -> list:
+        """w[e] of each expert."""
+        parts = w.unbind(0)
+        return [parts[e] for e in self.experts]
 
 
 def _torch_forward(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
                    keep_h: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """The torch backend's forward, one expert at a time: (y, h or None)."""
-    slices, widest = _expert_slices(offsets)
+    ex = _ExpertRows(offsets)
     rows, inner = row_src.shape[0], down.shape[2]
     y = new_buffer(x, (rows, x.shape[1]))
     h = new_buffer(x, (rows, 2 * inner)) if keep_h else None
-    xg_buf = x.new_empty((widest, x.shape[1]))
-    h_buf = None if keep_h else x.new_empty((widest, 2 * inner))
-    a_buf = x.new_empty((widest, inner))
-    for e, lo, hi, count in slices:
-        n = hi - lo
-        xg = _gather(x, row_src[lo:hi], count, top_k, scale, out=xg_buf[:n])
-        he = torch.matmul(xg, up[e].t(), out=h[lo:hi] if keep_h else h_buf[:n])
-        torch.matmul(_swiglu(he, count, a_buf[:n]), down[e].t(), out=y[lo:hi])
+    h_parts = ex.rows_of(h) if keep_h else ex.first_rows(x.new_empty((ex.widest, 2 * inner)))
+    for src, count, xg, up_t, he, a, down_t, ye in zip(
+            ex.rows_of(row_src), ex.counts, ex.first_rows(x.new_empty((ex.widest, x.shape[1]))),
+            ex.weights(up.transpose(1, 2)), h_parts, ex.first_rows(x.new_empty((ex.widest, inner))),
+            ex.weights(down.transpose(1, 2)), ex.rows_of(y)):
+        torch.mm(_gather(x, src, count, top_k, scale, out=xg), up_t, out=he)
+        torch.mm(_swiglu(he, count, a), down_t, out=ye)
     return y, h
 
 
@@ -89,15 +111,14 @@ def _windowed_rows(dy_all: Tensor, down: Tensor, valid_rows: int) -> bool:
             and (down.shape[2] * down.element_size()) % _ALIASED_ROW_BYTES == 0)
 
 
-def _grad_a(dy_all: Tensor, down_e: Tensor, lo: int, hi: int, valid_rows: int, windowed: bool,
-            out: Tensor) -> Tensor:
-    """dy_all[lo:hi] · down_e, [hi - lo, I], written into rows of `out` (which has at least
-    192 rows when `windowed`)."""
+def _windowed_grad_a(dy_all: Tensor, down_e: Tensor, lo: int, hi: int, valid_rows: int, out: Tensor) -> Tensor:
+    """dy_all[lo:hi] · down_e, [hi - lo, I], written into rows of `out` (at least 192 rows),
+    over a 192-row window of dy for experts of 96 to 191 rows."""
     n = hi - lo
-    if not windowed or not _FEW_ROWS_FLOOR <= n < _FEW_ROWS:
-        return torch.matmul(dy_all[lo:hi], down_e, out=out[:n])
+    if not _FEW_ROWS_FLOOR <= n < _FEW_ROWS:
+        return torch.mm(dy_all[lo:hi], down_e, out=out[:n])
     start = min(lo, valid_rows - _FEW_ROWS)
-    torch.matmul(dy_all[start:start + _FEW_ROWS], down_e, out=out[:_FEW_ROWS])
+    torch.mm(dy_all[start:start + _FEW_ROWS], down_e, out=out[:_FEW_ROWS])
     return out[lo - start:hi - start]
 
 
@@ -105,29 +126,26 @@ def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tens
                     slot_row: Tensor, offsets: Tensor, top_k: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     """The torch backend's backward, one expert at a time."""
     threads, stream = torch.get_num_threads(), stream_handle(x.device)
-    slices, widest = _expert_slices(offsets)
-    inner, valid_rows = down.shape[2], slices[-1][2] if slices else 0
-    windowed = _windowed_rows(grad_y, down, valid_rows)
+    ex = _ExpertRows(offsets)
+    inner = down.shape[2]
+    windowed = _windowed_rows(grad_y, down, ex.rows)
     grad_up, grad_down = new_buffer(up, up.shape), new_buffer(down, down.shape)
     dxg = new_buffer(x, (row_src.shape[0], x.shape[1]))
-    da_buf = x.new_empty((max(widest, _FEW_ROWS) if windowed else widest, inner))
-    a_buf = x.new_empty((widest, inner))
-    dh_buf, xg_buf = x.new_empty((widest, 2 * inner)), x.new_empty((widest, x.shape[1]))
-    with_rows = {e for e, _, _, _ in slices}
-    for e in range(up.shape[0]):
-        if e not in with_rows:
-            grad_up[e].zero_()
-            grad_down[e].zero_()
-    for e, lo, hi, count in slices:
-        n = hi - lo
-        dy = grad_y[lo:hi]
-        da = _grad_a(grad_y, down[e], lo, hi, valid_rows, windowed, da_buf)
-        dh, a = dh_buf[:n], a_buf[:n]
-        _C.swiglu_backward(view(h[lo:hi]), view(da), view(count), view(dh), view(a), threads, stream)
-        torch.matmul(dy.t(), a, out=grad_down[e])
-        xg = _gather(x, row_src[lo:hi], count, top_k, scale, out=xg_buf[:n])
-        torch.matmul(dh.t(), xg, out=grad_up[e])
-        torch.matmul(dh, up[e], out=dxg[lo:hi])
+    da_buf = x.new_empty((max(ex.widest, _FEW_ROWS) if windowed else ex.widest, inner))
+    for e in sorted(set(range(up.shape[0])) - set(ex.experts)):
+        grad_up[e].zero_()
+        grad_down[e].zero_()
+    for (lo, hi), count, dy, he, down_e, da, a, dh, src, xg, up_e, dxg_e, grad_up_e, grad_down_e in zip(
+            ex.bounds, ex.counts, ex.rows_of(grad_y), ex.rows_of(h), ex.weights(down), ex.first_rows(da_buf),
+            ex.first_rows(x.new_empty((ex.widest, inner))), ex.first_rows(x.new_empty((ex.widest, 2 * inner))),
+            ex.rows_of(row_src), ex.first_rows(x.new_empty((ex.widest, x.shape[1]))), ex.weights(up),
+            ex.rows_of(dxg), ex.weights(grad_up), ex.weights(grad_down)):
+        da = (_windowed_grad_a(grad_y, down_e, lo, hi, ex.rows, da_buf) if windowed
+              else torch.mm(dy, down_e, out=da))
+        _C.swiglu_backward(view(he), view(da), view(count), view(dh), view(a), threads, stream)
+        torch.mm(dy.t(), a, out=grad_down_e)
+        torch.mm(dh.t(), _gather(x, src, count, top_k, scale, out=xg), out=grad_up_e)
+        torch.mm(dh, up_e, out=dxg_e)
     grad_x = new_buffer(x, x.shape)
     _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
     return grad_x, grad_up, grad_down
