@@ -38,8 +38,6 @@ MOEPP_CPU_WIDE_CLONES void swiglu_backward_row(const T* __restrict h, const T* _
   }
 }
 
-}  // namespace
-
 // x's row of `slot` (null for a slot outside [0, tokens * top_k), which names no token).
 template <typename T>
 const T* source_row(const GatherArgs<T>& a, int32_t slot) {
@@ -54,6 +52,8 @@ void prefetch_row(const T* row, int64_t dim) {
   constexpr int64_t kPerLine = 64 / sizeof(T);
   for (int64_t j = 0; row != nullptr && j < dim; j += kPerLine) __builtin_prefetch(row + j);
 }
+
+}  // namespace
 
 template <typename T>
 void gather_rows_cpu(const GatherArgs<T>& a, int num_threads) {
