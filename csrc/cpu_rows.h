@@ -6,7 +6,9 @@
 // -fno-trapping-math for the selects in their element math to vectorise.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "numeric.h"
 
@@ -33,10 +35,25 @@
 
 namespace moepp::rows {
 
-// dst = outer * (inner * src)
+// dst = outer * (inner * src); with both factors 1 and one type, src copied as it is
+// (1 * x is x; a NaN keeps its payload).
 template <typename T, typename S>
 MOEPP_CPU_WIDE_CLONES void scale(const S* __restrict src, float outer, float inner, int64_t n, T* __restrict dst) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (outer == 1.0f && inner == 1.0f) {
+      std::copy_n(src, n, dst);
+      return;
+    }
+  }
   for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(outer * (inner * to_float(src[i])));
+}
+
+// Requests the cache lines of row[begin, end) (none for a null row): a row read next from an
+// address the hardware prefetcher cannot guess (the next token's, a scattered token's).
+template <typename T>
+MOEPP_ROW_INLINE void prefetch_lines(const T* row, int64_t begin, int64_t end) {
+  constexpr int64_t kPerLine = 64 / sizeof(T);
+  for (int64_t j = begin; row != nullptr && j < end; j += kPerLine) __builtin_prefetch(row + j);
 }
 
 // acc += w * src

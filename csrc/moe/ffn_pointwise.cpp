@@ -44,15 +44,6 @@ const T* source_row(const GatherArgs<T>& a, int32_t slot) {
   return in_range(slot, a.tokens * a.top_k) ? a.x + static_cast<int64_t>(slot / a.top_k) * a.dim : nullptr;
 }
 
-// The gather's rows come from scattered tokens: the next row's cache lines are requested
-// while this one is written, since the hardware prefetcher only follows a row once it
-// has missed on it (the rows are cold in a training step, after the GEMMs).
-template <typename T>
-void prefetch_row(const T* row, int64_t dim) {
-  constexpr int64_t kPerLine = 64 / sizeof(T);
-  for (int64_t j = 0; row != nullptr && j < dim; j += kPerLine) __builtin_prefetch(row + j);
-}
-
 }  // namespace
 
 template <typename T>
@@ -60,15 +51,14 @@ void gather_rows_cpu(const GatherArgs<T>& a, int num_threads) {
   const int64_t m = total_rows_cpu(a.total_rows, a.rows);
   parallel_for(m, choose_workers(m, num_threads, kRowsPerWorker), [&](int, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      if (r + 1 < end) prefetch_row(source_row(a, a.row_src[r + 1]), a.dim);
+      // The rows come from scattered tokens, cold after the GEMMs: the next one is requested
+      // while this one is written.
+      if (r + 1 < end) rows::prefetch_lines(source_row(a, a.row_src[r + 1]), 0, a.dim);
       const T* src = source_row(a, a.row_src[r]);
-      T* dst = a.out + r * a.dim;
       if (src == nullptr) {
-        std::fill_n(dst, a.dim, from_float<T>(0.0f));
-      } else if (a.scale == 1.0f) {  // x * 1 is x (a NaN keeps its payload): copied as it is
-        std::copy_n(src, a.dim, dst);
+        std::fill_n(a.out + r * a.dim, a.dim, from_float<T>(0.0f));
       } else {
-        rows::scale(src, 1.0f, a.scale, a.dim, dst);
+        rows::scale(src, 1.0f, a.scale, a.dim, a.out + r * a.dim);
       }
     }
   });

@@ -33,13 +33,6 @@ constexpr int kLanes = 8;
 // Rows read as rows of kColumns entries: column maxima are a vertical loop the
 // compiler vectorises (lane_reduce's maxima it compiles to scalar code).
 constexpr int kColumns = 32;
-// Prefetches the cache lines of row[begin, end) (none for a null row).
-template <typename T>
-MOEPP_ROW_INLINE void prefetch_lines(const T* row, int begin, int end) {
-  constexpr int kPerLine = 64 / sizeof(T);
-  for (int j = begin; row != nullptr && j < end; j += kPerLine) __builtin_prefetch(row + j);
-}
-
 // maxima[c] = max over the row's whole rows of kColumns of v[r * kColumns + c]
 // (NaN entries never win; -inf where there are none); returns the entries covered.
 template <typename T>
@@ -306,14 +299,14 @@ MOEPP_CPU_CLONES void route_range(const RouterOptions& opt, const ForwardArgs<T>
     // stages: a long row is a few passes of arithmetic over data in L1, and its first
     // pass would otherwise wait on memory (and a burst of prefetches waits too).
     const T* next = t + 1 < end ? logits + n : nullptr;
-    prefetch_lines(next, 0, n / 2);
+    rows::prefetch_lines(next, 0, n / 2);
     if (a.G != nullptr) {  // l' first, then route it as logits without a residual: the same values
       T* out = a.logits_out != nullptr ? a.logits_out + t * n : routed;
       add_residual(n, g, logits, a.prev + t * n, acc, out);
       logits = out;
     }
     const SoftmaxStats<T> st = route_scores_row(opt, logits, a.bias, sel, prob_acc, maxima);
-    prefetch_lines(next, n / 2, n);
+    rows::prefetch_lines(next, n / 2, n);
     select_top_k_cpu(n, k, sel, maxima, ids);
     route_weights(opt, st, logits, ids, gates);
     for (int s = 0; s < k; ++s) {
