@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import DTYPES, HAS_GPU, step
 
-from moepp_kernels import MoEPPConfig, MoEPPLayer, build_plan, fused_router, grouped_gemm
+from moepp_kernels import MoEPPConfig, MoEPPLayer, _cpu_matmul, build_plan, fused_router, grouped_gemm
 from moepp_kernels import reference as R
 from moepp_kernels._ops.combine import layout_scalars
 
@@ -49,8 +49,8 @@ def cases(with_dtypes: bool = False) -> list:
 
 def gate_gemms(layer: MoEPPLayer, x: torch.Tensor):
     """The gate's fp32 GEMMs (logits = x·Wᵀ, through the hidden layer of a two-layer gate) on
-    preallocated operands, fp32 x included: (forward, backward), the backward being each weight's
-    and input's gradient."""
+    preallocated operands, fp32 x included, through the layer's matmul (_cpu_matmul.mm):
+    (forward, backward), the backward being each weight's and input's gradient."""
     r = layer.router
     weights = [r.gate_weight] if layer.config.gate_depth == 1 else [r.gate_w1, r.gate_w2]
     weights = [w.detach() for w in weights]
@@ -61,20 +61,22 @@ def gate_gemms(layer: MoEPPLayer, x: torch.Tensor):
 
     def forward():
         for i, w in enumerate(weights):
-            torch.matmul(acts[i], w.t(), out=acts[i + 1])
+            _cpu_matmul.mm(acts[i], w.t(), out=acts[i + 1])
 
     def backward():  # acts[i + 1] stands in for its own gradient (same shape)
         for i in reversed(range(len(weights))):
-            torch.matmul(acts[i + 1].t(), acts[i], out=grad_w[i])
-            torch.matmul(acts[i + 1], weights[i], out=grad_a[i])
+            _cpu_matmul.mm(acts[i + 1].t(), acts[i], out=grad_w[i])
+            _cpu_matmul.mm(acts[i + 1], weights[i], out=grad_a[i])
     return forward, backward
 
 
 def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backward: bool):
     """Only the layer's GEMMs on preallocated operands: the gate's (gate_gemms) and the FFN
     experts' per-expert ones (2 per expert, 6 with the backward). Every implementation of the
-    layer runs these same matmuls (the reference, the authors' loop, transformers' module), so
-    their time is the floor under any of them (gemm_floor).
+    layer runs these same products (the reference, the authors' loop, transformers' module); they
+    run here as the layer runs them (_cpu_matmul.mm: oneDNN's fp32 matmul on an AVX-512 CPU, where
+    the others' torch.matmul runs MKL's, and torch.matmul otherwise), so their time is the floor
+    under the layer (gemm_floor), and under the others wherever both run torch.matmul.
 
     They run in the order autograd allows any of them: every forward GEMM before any backward one
     (the upstream gradient needs the whole forward), then the experts' backward in reverse, as
@@ -98,15 +100,15 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     def run():
         gate_forward()
         for e, lo, hi in experts:
-            torch.matmul(xg[lo:hi], up[e].t(), out=h[lo:hi])
-            torch.matmul(act[lo:hi], down[e].t(), out=y[lo:hi])
+            _cpu_matmul.mm(xg[lo:hi], up[e].t(), out=h[lo:hi])
+            _cpu_matmul.mm(act[lo:hi], down[e].t(), out=y[lo:hi])
         if not backward:
             return
         for e, lo, hi in reversed(experts):  # y, act and h stand in for dy, da and dh (same shapes)
-            torch.matmul(y[lo:hi], down[e], out=act[lo:hi])
-            torch.matmul(y[lo:hi].t(), act[lo:hi], out=ddown[e])
-            torch.matmul(h[lo:hi].t(), xg[lo:hi], out=dup[e])
-            torch.matmul(h[lo:hi], up[e], out=dx[lo:hi])
+            _cpu_matmul.mm(y[lo:hi], down[e], out=act[lo:hi])
+            _cpu_matmul.mm(y[lo:hi].t(), act[lo:hi], out=ddown[e])
+            _cpu_matmul.mm(h[lo:hi].t(), xg[lo:hi], out=dup[e])
+            _cpu_matmul.mm(h[lo:hi], up[e], out=dx[lo:hi])
         gate_backward()
     return run
 

@@ -2,7 +2,9 @@
 side: the authors' released MoE++ layer (its per-expert Python loop, as the test
 double tests/released_moepp.py reproduces it from the spec) at the paper's 0.6B
 layout, and transformers' LongcatFlashMoE; forward and forward+backward, with the
-layer's GEMMs alone (the gate's and the experts': gemm_floor) as the bound under all of them."""
+layer's GEMMs alone (the gate's and the experts': gemm_floor, bench_layer.expert_gemms) as the
+bound under ours, and under theirs wherever both run the same matmul (not fp32 on an AVX-512 CPU,
+where ours runs oneDNN's and theirs MKL's)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 from conftest import devices, interleaved_ms, record_bandwidth, round_record
 from telemetry import nvml_snapshot
 
-from moepp_kernels import MoEPPConfig, fused_router
+from moepp_kernels import MoEPPConfig, _cpu_matmul, fused_router
 from moepp_kernels import reference as R
 from moepp_kernels.router import RESIDUAL_IN_KERNEL_MAX_EXPERTS
 
@@ -56,8 +56,10 @@ def router_bytes(tokens: int, cfg: MoEPPConfig, residual: bool) -> int:
 @pytest.mark.parametrize("residual", [False, True], ids=["first", "residual"])
 def bench_router(record_result, quick, device, layout, tokens, residual):
     """fused, torch_ops and the reference timed in alternating rounds (interleaved_ms), and, where
-    the fused router runs the residual as a BLAS GEMM too (N > 128), residual_gemm: l + r·Gᵀ alone.
-    Both run that GEMM, so torch_ops / residual_gemm bounds any router's ratio there."""
+    the fused router runs the residual as a GEMM too (N > 128), l + r·Gᵀ alone: residual_gemm as
+    torch_ops runs it (torch.addmm), and residual_gemm_fused as the fused router does where that
+    differs (oneDNN's fp32 matmul on an AVX-512 CPU, _cpu_matmul). torch_ops over the fused
+    router's GEMM bounds its ratio there; each side's time beyond its own GEMM is compared too."""
     if quick and tokens not in QUICK_TOKENS:
         pytest.skip("--quick")
     if device == "cpu" and tokens > CPU_MAX_TOKENS[layout]:
@@ -76,6 +78,8 @@ def bench_router(record_result, quick, device, layout, tokens, residual):
     }
     if residual and n > RESIDUAL_IN_KERNEL_MAX_EXPERTS:
         fns["residual_gemm"] = lambda: torch.addmm(logits, prev, weight.t())
+        if _cpu_matmul.uses_onednn(prev, weight):
+            fns["residual_gemm_fused"] = lambda: _cpu_matmul.add_mm(logits, prev, weight.t())
     clocks = {"nvml_before": nvml_snapshot()} if device == "cuda" else {}
     with torch.no_grad():
         rounds = interleaved_ms(fns, device, rounds=5, reps=3 if tokens <= 4096 else 2)

@@ -7,7 +7,8 @@ rows of a permutation plan (expert e owns rows [offsets[e], offsets[e+1])):
 
 Rows past offsets[G] are neither read nor written. Backends:
   "torch"       per-expert matmuls on slices; reads the offsets on the host
-                (one device-to-host sync per call on a GPU).
+                (one device-to-host sync per call on a GPU). fp32 on an AVX-512 CPU
+                runs oneDNN's matmuls (_cpu_matmul), elsewhere torch.matmul's.
   "grouped_mm"  torch._grouped_mm (CUDA sm90 / sm100 in bf16, offsets stay on the device;
                 also torch's CPU implementation, where the installed torch has one).
   "cutlass"     CUTLASS grouped GEMMs (csrc/gemm/): 3.x ptr-array kernels on sm90
@@ -26,7 +27,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _C
+from . import _C, _cpu_matmul
 from ._tensors import DTYPE_CODES, stream_handle, view
 
 BACKENDS = ("auto", "torch", "grouped_mm", "cutlass", "triton")
@@ -115,7 +116,7 @@ def _per_expert(a: Tensor, out: Tensor, offsets: Tensor, weight) -> Tensor:
     b = offsets.tolist()
     for e in range(len(b) - 1):
         if b[e + 1] > b[e]:
-            torch.matmul(a[b[e]:b[e + 1]], weight(e), out=out[b[e]:b[e + 1]])
+            _cpu_matmul.mm(a[b[e]:b[e + 1]], weight(e), out=out[b[e]:b[e + 1]])
     return out
 
 
@@ -160,7 +161,7 @@ def grad_weight(dy: Tensor, a: Tensor, offsets: Tensor, backend: str) -> Tensor:
     b = offsets.tolist()
     for e in range(groups):
         if b[e + 1] > b[e]:
-            torch.matmul(dy[b[e]:b[e + 1]].t(), a[b[e]:b[e + 1]], out=out[e])
+            _cpu_matmul.mm(dy[b[e]:b[e + 1]].t(), a[b[e]:b[e + 1]], out=out[e])
         else:
             out[e].zero_()
     return out

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _C
+from . import _C, _cpu_matmul
 from ._ops import call_op
 from ._ops import gate as _gate  # noqa: F401 (registers moepp::gate_linear)
 from ._ops.router import router_scalars
@@ -90,7 +90,7 @@ def fused_router(logits: Tensor, config: MoEPPConfig, *, prev_logits: Optional[T
         check_tensor("selection_bias", selection_bias, dtypes=(dtype,), shape=(n,), device=dev)
     check_backend(dev)
     if prev_logits is not None and n > RESIDUAL_IN_KERNEL_MAX_EXPERTS:
-        logits = torch.addmm(logits, prev_logits, residual_weight.t())
+        logits = _cpu_matmul.add_mm(logits, prev_logits, residual_weight.t())
         prev_logits = residual_weight = None
     ids, weights, logits_out, counts, prob_sum = call_op(
         torch.ops.moepp.router_forward, logits, prev_logits, residual_weight, selection_bias, *router_scalars(config),

@@ -350,11 +350,13 @@ def test_torch_backward_windows_few_row_products(monkeypatch):
     rows, one thread, fp32: _ops/expert_ffn._windowed_grad_a): experts of 95 (not windowed), 96, 150 and
     191 rows (windowed; the first window starts at row 0, the last ends at the last valid row),
     30 and 192 (not windowed), against the per-expert reference."""
+    from moepp_kernels import _cpu_matmul
     from moepp_kernels._ops import expert_ffn as ops
 
     if not torch.backends.mkl.is_available():
         pytest.skip("the window applies to MKL's sgemm only")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the rule's condition; torch's own threads stay
+    monkeypatch.setattr(_cpu_matmul, "ONEDNN_FP32", False)  # MKL's products, as on a CPU without AVX-512
     counts, d, i = [150, 30, 96, 192, 95, 191], 8, 2048
     ids = torch.cat([torch.full((c,), e, dtype=torch.int32) for e, c in enumerate(counts)])
     ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))].reshape(-1, 1)

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _C, grouped_gemm
+from .. import _C, _cpu_matmul, grouped_gemm
 from .._tensors import new_buffer, stream_handle, view
 from . import call_op, custom_op
 
@@ -91,8 +91,8 @@ def _torch_forward(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets
             ex.rows_of(row_src), ex.counts, ex.first_rows(x.new_empty((ex.widest, x.shape[1]))),
             ex.weights(up.transpose(1, 2)), h_parts, ex.first_rows(x.new_empty((ex.widest, inner))),
             ex.weights(down.transpose(1, 2)), ex.rows_of(y)):
-        torch.mm(_gather(x, src, count, top_k, scale, out=xg), up_t, out=he)
-        torch.mm(_swiglu(he, count, a), down_t, out=ye)
+        _cpu_matmul.mm(_gather(x, src, count, top_k, scale, out=xg), up_t, out=he)
+        _cpu_matmul.mm(_swiglu(he, count, a), down_t, out=ye)
     return y, h
 
 
@@ -105,9 +105,11 @@ _FEW_ROWS, _FEW_ROWS_FLOOR, _ALIASED_ROW_BYTES = 192, 96, 8192
 
 
 def _windowed_rows(dy_all: Tensor, down: Tensor, valid_rows: int) -> bool:
-    """Whether grad_a's products for experts of 96 to 191 rows run over a 192-row window."""
+    """Whether grad_a's products for experts of 96 to 191 rows run over a 192-row window (MKL's
+    products only: oneDNN's take their place on AVX-512 CPUs, _cpu_matmul)."""
     return (dy_all.dtype == torch.float32 and dy_all.device.type == "cpu" and torch.get_num_threads() == 1
-            and torch.backends.mkl.is_available() and valid_rows >= _FEW_ROWS
+            and torch.backends.mkl.is_available() and not _cpu_matmul.uses_onednn(dy_all)
+            and valid_rows >= _FEW_ROWS
             and (down.shape[2] * down.element_size()) % _ALIASED_ROW_BYTES == 0)
 
 
@@ -141,11 +143,11 @@ def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tens
             ex.rows_of(row_src), ex.first_rows(x.new_empty((ex.widest, x.shape[1]))), ex.weights(up),
             ex.rows_of(dxg), ex.weights(grad_up), ex.weights(grad_down)):
         da = (_windowed_grad_a(grad_y, down_e, lo, hi, ex.rows, da_buf) if windowed
-              else torch.mm(dy, down_e, out=da))
+              else _cpu_matmul.mm(dy, down_e, out=da))
         _C.swiglu_backward(view(he), view(da), view(count), view(dh), view(a), threads, stream)
-        torch.mm(dy.t(), a, out=grad_down_e)
-        torch.mm(dh.t(), _gather(x, src, count, top_k, scale, out=xg), out=grad_up_e)
-        torch.mm(dh, up_e, out=dxg_e)
+        _cpu_matmul.mm(dy.t(), a, out=grad_down_e)
+        _cpu_matmul.mm(dh.t(), _gather(x, src, count, top_k, scale, out=xg), out=grad_up_e)
+        _cpu_matmul.mm(dh, up_e, out=dxg_e)
     grad_x = new_buffer(x, x.shape)
     _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, stream)
     return grad_x, grad_up, grad_down

@@ -14,16 +14,17 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .. import _cpu_matmul
 from .._tensors import converts_in_chunks, fp32_row_chunks
 from . import custom_op
 
 
 def _gate_linear(x: Tensor, weight: Tensor) -> Tensor:
     if not converts_in_chunks(x):
-        return torch.matmul(x.float(), weight.t())
+        return _cpu_matmul.mm(x.float(), weight.t())
     out = x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
     for lo, hi, rows in fp32_row_chunks(x):
-        torch.matmul(rows, weight.t(), out=out[lo:hi])
+        _cpu_matmul.mm(rows, weight.t(), out=out[lo:hi])
     return out
 
 
@@ -39,12 +40,12 @@ def _gate_linear_fake(x, weight):
 def gate_linear_backward(grad: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     """(dx = grad·W in x's dtype, dW = gradᵀ·x in fp32) for grad [T, N] fp32."""
     if not converts_in_chunks(x):
-        return torch.matmul(grad, weight).to(x.dtype), torch.matmul(grad.t(), x.float())
+        return _cpu_matmul.mm(grad, weight).to(x.dtype), _cpu_matmul.mm(grad.t(), x.float())
     grad_x = torch.empty_like(x)
     grad_weight = torch.zeros_like(weight)
     for lo, hi, rows in fp32_row_chunks(x):
-        grad_weight.addmm_(grad[lo:hi].t(), rows)
-        grad_x[lo:hi].copy_(torch.matmul(grad[lo:hi], weight, out=rows))  # rows is free again
+        grad_weight = _cpu_matmul.add_mm(grad_weight, grad[lo:hi].t(), rows)
+        grad_x[lo:hi].copy_(_cpu_matmul.mm(grad[lo:hi], weight, out=rows))  # rows is free again
     return grad_x, grad_weight
 
 
