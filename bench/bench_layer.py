@@ -74,9 +74,9 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     """Only the layer's GEMMs on preallocated operands: the gate's (gate_gemms) and the FFN
     experts' per-expert ones (2 per expert, 6 with the backward). Every implementation of the
     layer runs these same products (the reference, the authors' loop, transformers' module); they
-    run here as the layer runs them (_cpu_matmul.mm: oneDNN's fp32 matmul on an AVX-512 CPU, where
-    the others' torch.matmul runs MKL's, and torch.matmul otherwise), so their time is the floor
-    under the layer (gemm_floor), and under the others wherever both run torch.matmul.
+    run here as the layer runs them (_cpu_matmul.mm: oneDNN's fp32 matmul on the CPUs where the
+    others' torch.mm runs MKL's AVX2 kernels, torch.mm otherwise), so their time is the floor under
+    the layer (gemm_floor), and under the others wherever both run torch.mm.
 
     They run in the order autograd allows any of them: every forward GEMM before any backward one
     (the upstream gradient needs the whole forward), then the experts' backward in reverse, as

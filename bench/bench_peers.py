@@ -3,8 +3,8 @@ side: the authors' released MoE++ layer (its per-expert Python loop, as the test
 double tests/released_moepp.py reproduces it from the spec) at the paper's 0.6B
 layout, and transformers' LongcatFlashMoE; forward and forward+backward, with the
 layer's GEMMs alone (the gate's and the experts': gemm_floor, bench_layer.expert_gemms) as the
-bound under ours, and under theirs wherever both run the same matmul (not fp32 on an AVX-512 CPU,
-where ours runs oneDNN's and theirs MKL's)."""
+bound under ours, and under theirs wherever both run the same matmul (not in fp32 where ours runs
+oneDNN's and theirs MKL's AVX2 kernels: _cpu_matmul)."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def bench_router(record_result, quick, device, layout, tokens, residual):
     """fused, torch_ops and the reference timed in alternating rounds (interleaved_ms), and, where
     the fused router runs the residual as a GEMM too (N > 128), l + r·Gᵀ alone: residual_gemm as
     torch_ops runs it (torch.addmm), and residual_gemm_fused as the fused router does where that
-    differs (oneDNN's fp32 matmul on an AVX-512 CPU, _cpu_matmul). torch_ops over the fused
+    differs (oneDNN's fp32 matmul where _cpu_matmul picks it). torch_ops over the fused
     router's GEMM bounds its ratio there; each side's time beyond its own GEMM is compared too."""
     if quick and tokens not in QUICK_TOKENS:
         pytest.skip("--quick")

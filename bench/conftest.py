@@ -192,15 +192,15 @@ def _derived(impls: dict) -> dict:
         out["speedup_vs_torch_ops"] = ms["torch_ops"] / ms["fused"]
         if rounds["fused"] and rounds["torch_ops"]:  # measured interleaved: the ratio round by round
             out["speedup_vs_torch_ops_rounds"] = [t / f for t, f in zip(rounds["torch_ops"], rounds["fused"])]
-        if "residual_gemm" in ms:  # a GEMM both run: the bound on that ratio, and the ratio of the rest
-            fused_gemm = ms.get("residual_gemm_fused", ms["residual_gemm"])  # where the two run it alike
+        if "residual_gemm" in ms:  # the product both run, each its own way: a bound, and the rest's ratio
+            fused_gemm = ms.get("residual_gemm_fused", ms["residual_gemm"])  # absent where both run torch.addmm
             out["torch_ops_bound"] = ms["torch_ops"] / fused_gemm
             beyond = ms["fused"] - fused_gemm
             if beyond > BEYOND_GEMM_RESOLUTION * fused_gemm:  # else it is lost in the GEMM's spread
                 out["speedup_vs_torch_ops_beyond_gemm"] = (ms["torch_ops"] - ms["residual_gemm"]) / beyond
     if "fused" in ms and "reference" in ms:
         out["speedup"] = ms["reference"] / ms["fused"]
-        if "gemm_floor" in ms:  # the reference over its own GEMMs: no layer can beat that ratio
+        if "gemm_floor" in ms:  # the reference over the layer's GEMMs: the fused layer cannot beat that ratio
             out["speedup_bound"] = ms["reference"] / ms["gemm_floor"]
     for backend in ("triton", "cutlass"):
         if f"fused_{backend}" in ms and "reference" in ms:
@@ -279,8 +279,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                         note += f" ({min(by_round):.2f}-{max(by_round):.2f} by round)"
                 if "torch_ops_bound" in derived:
                     beyond = derived.get("speedup_vs_torch_ops_beyond_gemm")
-                    note += (f" (bound {derived['torch_ops_bound']:.2f}x by its residual GEMM; beyond each one's "
-                             + (f"{beyond:.2f}x)" if beyond is not None else "too small to time beside the GEMM)"))
+                    note += (f" (bound {derived['torch_ops_bound']:.2f}x by the fused router's residual GEMM; "
+                             + (f"beyond each side's GEMM {beyond:.2f}x)" if beyond is not None
+                                else "the rest too small to time beside it)"))
             elif impl.startswith("fused_") and f"speedup_{impl[6:]}" in derived:
                 note = f"speedup {derived[f'speedup_{impl[6:]}']:.2f}x over reference"
             elif impl == "moepp" and "speedup_vs_vanilla" in derived:
@@ -317,7 +318,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 note += " [THROTTLED]"
             tr.write_line(f"{case:<46} {impl:<19} {r['median_ms']:>10.4f} {gbs:>8} {frac:>8}  {note}")
         if "share_of_layer" in derived:
-            tr.write_line(f"{case:<46} {'r+p+c':<10} {'':>10} {'':>8} {'':>8}  "
+            tr.write_line(f"{case:<46} {'r+p+c':<19} {'':>10} {'':>8} {'':>8}  "
                           f"{100 * derived['share_of_layer']['router+plan+combine']:.1f}% of layer")
     path = config.getoption("--moepp-summary")
     if path:

@@ -7,8 +7,8 @@ rows of a permutation plan (expert e owns rows [offsets[e], offsets[e+1])):
 
 Rows past offsets[G] are neither read nor written. Backends:
   "torch"       per-expert matmuls on slices; reads the offsets on the host
-                (one device-to-host sync per call on a GPU). fp32 on an AVX-512 CPU
-                runs oneDNN's matmuls (_cpu_matmul), elsewhere torch.matmul's.
+                (one device-to-host sync per call on a GPU); in fp32 on the CPUs
+                where _cpu_matmul picks it, oneDNN's matmul, else torch.mm.
   "grouped_mm"  torch._grouped_mm (CUDA sm90 / sm100 in bf16, offsets stay on the device;
                 also torch's CPU implementation, where the installed torch has one).
   "cutlass"     CUTLASS grouped GEMMs (csrc/gemm/): 3.x ptr-array kernels on sm90

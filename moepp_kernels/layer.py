@@ -9,7 +9,6 @@ module holding the router and expert weights, with the original layer's
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import grouped_gemm, reference
@@ -54,7 +53,8 @@ def _gate_and_mix(x: Tensor, config: MoEPPConfig, gate_weight: Optional[Tensor],
     first = gate_weight if config.gate_depth == 1 else gate_w1
     width = first.shape[0]
     both = call_op(torch.ops.moepp.gate_linear, x, torch.cat([first, const_gate.reshape(-1, d).float()]))
-    logits = both[:, :width] if config.gate_depth == 1 else F.linear(torch.tanh(both[:, :width]), gate_w2)
+    logits = (both[:, :width] if config.gate_depth == 1
+              else call_op(torch.ops.moepp.gate_linear, torch.tanh(both[:, :width]), gate_w2))
     mix = both[:, width:] * scale
     return logits.contiguous(), mix.contiguous()
 

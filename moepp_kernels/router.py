@@ -12,10 +12,9 @@ gate weights and G and calls the gate GEMM first.
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _C, _cpu_matmul
+from . import _C
 from ._ops import call_op
 from ._ops import gate as _gate  # noqa: F401 (registers moepp::gate_linear)
 from ._ops.router import router_scalars
@@ -90,7 +89,7 @@ def fused_router(logits: Tensor, config: MoEPPConfig, *, prev_logits: Optional[T
         check_tensor("selection_bias", selection_bias, dtypes=(dtype,), shape=(n,), device=dev)
     check_backend(dev)
     if prev_logits is not None and n > RESIDUAL_IN_KERNEL_MAX_EXPERTS:
-        logits = _cpu_matmul.add_mm(logits, prev_logits, residual_weight.t())
+        logits = call_op(torch.ops.moepp.residual_logits, logits, prev_logits, residual_weight)
         prev_logits = residual_weight = None
     ids, weights, logits_out, counts, prob_sum = call_op(
         torch.ops.moepp.router_forward, logits, prev_logits, residual_weight, selection_bias, *router_scalars(config),
@@ -166,7 +165,7 @@ class MoEPPRouter(nn.Module):
         """fp32 logits [T, N] for x [T, D] (any float dtype)."""
         first = self.gate_weight if self.config.gate_depth == 1 else self.gate_w1
         h = call_op(torch.ops.moepp.gate_linear, x, first)
-        return h if self.config.gate_depth == 1 else F.linear(torch.tanh(h), self.gate_w2)
+        return h if self.config.gate_depth == 1 else call_op(torch.ops.moepp.gate_linear, torch.tanh(h), self.gate_w2)
 
     def forward(self, x: Tensor, prev_logits: Optional[Tensor] = None, return_stats: bool = False) -> RouterOutput:
         """Route x [..., D] (flattened to [T, D]); prev_logits [T, N] from the previous layer."""

@@ -65,4 +65,4 @@ def per_config(fn: Callable[..., R]) -> Callable[..., R]:
     return cached
 
 
-from . import combine, expert_ffn, plan, router  # noqa: E402, F401  (registers every moepp:: op)
+from . import combine, expert_ffn, plan, residual, router  # noqa: E402, F401  (registers every moepp:: op)

@@ -106,7 +106,7 @@ _FEW_ROWS, _FEW_ROWS_FLOOR, _ALIASED_ROW_BYTES = 192, 96, 8192
 
 def _windowed_rows(dy_all: Tensor, down: Tensor, valid_rows: int) -> bool:
     """Whether grad_a's products for experts of 96 to 191 rows run over a 192-row window (MKL's
-    products only: oneDNN's take their place on AVX-512 CPUs, _cpu_matmul)."""
+    products only, not oneDNN's where _cpu_matmul picks those)."""
     return (dy_all.dtype == torch.float32 and dy_all.device.type == "cpu" and torch.get_num_threads() == 1
             and torch.backends.mkl.is_available() and not _cpu_matmul.uses_onednn(dy_all)
             and valid_rows >= _FEW_ROWS
