@@ -25,6 +25,7 @@ oneDNN's op with a weight that is not a graph constant).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,11 +44,16 @@ def _cpu_vendor() -> str:
     return ""
 
 
+def onednn_op_available() -> bool:
+    """Whether this torch has oneDNN's matmul op (any x86 build with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _onednn_fp32() -> bool:
     forced = os.environ.get("MOEPP_ONEDNN_FP32", "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"MOEPP_ONEDNN_FP32 must be 0 or 1, got {forced!r}")
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not onednn_op_available():
         return False
     if forced:
         return forced == "1"
@@ -66,16 +72,21 @@ def uses_onednn(a: Tensor, b: Tensor | None = None) -> bool:
             and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling())
 
 
+def _autocast_off(device_type: str):
+    """A context in which torch's own products keep their operands' dtype."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a [M, K] · b [K, N] -> [M, N] (into `out` when given), as torch.mm, in the operands' dtype.
     Any strides (oneDNN's op copies a transposed `a` contiguous first)."""
     if uses_onednn(a, b):
         product = torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")  # a · (bᵀ)ᵀ
         return product if out is None else out.copy_(product)
-    if torch.is_autocast_enabled(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return torch.mm(a, b, out=out)
-    return torch.mm(a, b, out=out)
+    with _autocast_off(a.device.type):
+        return torch.mm(a, b, out=out)
 
 
 def add_mm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -83,7 +94,5 @@ def add_mm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     dtype; through oneDNN the sum is the product's epilogue."""
     if uses_onednn(a, b) and c.dtype == torch.float32 and c.shape == (a.shape[0], b.shape[1]):
         return torch.ops.mkldnn._linear_pointwise.binary(a, c, b.t(), None, "add")
-    if torch.is_autocast_enabled(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return torch.addmm(c, a, b)
-    return torch.addmm(c, a, b)
+    with _autocast_off(a.device.type):
+        return torch.addmm(c, a, b)

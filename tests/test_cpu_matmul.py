@@ -16,8 +16,7 @@ from moepp_kernels.router import RESIDUAL_IN_KERNEL_MAX_EXPERTS
 
 ROUTES = [pytest.param(False, id="torch.mm"),
           pytest.param(True, id="onednn", marks=pytest.mark.skipif(
-              not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
-              reason="this torch has no oneDNN matmul op"))]
+              not _cpu_matmul.onednn_op_available(), reason="this torch has no oneDNN matmul op"))]
 
 
 @pytest.fixture(params=ROUTES)
@@ -94,7 +93,7 @@ def test_mkldnn_flag_opts_out(monkeypatch):
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("0", False)])
 def test_environment_forces_the_route(monkeypatch, value, expected):
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not _cpu_matmul.onednn_op_available():
         pytest.skip("this torch has no oneDNN matmul op")
     monkeypatch.setenv("MOEPP_ONEDNN_FP32", value)
     assert _cpu_matmul._onednn_fp32() is expected

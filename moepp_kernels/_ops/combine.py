@@ -10,7 +10,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .. import _C
+from .. import _C, _cpu_matmul
 from .._tensors import converts_in_chunks, fp32_row_chunks, new_buffer, stream_handle, view
 from ..config import MoEPPConfig
 from . import custom_op, per_config
@@ -73,10 +73,10 @@ def _grad_const_value(v_coef: Tensor, grad_out: Tensor, dtype: torch.dtype) -> T
     (gate · a2 per token: spec "Experts", the constant expert). A bf16 / fp16 grad_out on the CPU
     is read a chunk of rows at a time (_tensors.fp32_row_chunks), not as a [T, D] fp32 copy."""
     if not converts_in_chunks(grad_out):
-        return (v_coef.t() @ grad_out.float()).to(dtype)
+        return _cpu_matmul.mm(v_coef.t(), grad_out.float()).to(dtype)
     total = v_coef.new_zeros((v_coef.shape[1], grad_out.shape[1]))
     for lo, hi, rows in fp32_row_chunks(grad_out):
-        total.addmm_(v_coef[lo:hi].t(), rows)
+        total = _cpu_matmul.add_mm(total, v_coef[lo:hi].t(), rows)
     return total.to(dtype)
 
 
