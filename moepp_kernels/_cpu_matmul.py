@@ -89,6 +89,16 @@ def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
         return torch.mm(a, b, out=out)
 
 
+def mm_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """a [M, K] · b [K, N] written into `out` itself by torch.mm, in the operands' dtype. oneDNN's
+    op returns a fresh product instead, which mm copies: at [T, D] fp32 sizes the allocator maps
+    it anew and faults it in on every call (the gate's dx at T 2048, D 1024: 2048 faults, a few
+    ms). At few K torch.mm's product costs no more (K 96: 2.00 vs 2.02 ms with oneDNN's copy; K
+    768: 16.7 vs 15.4 ms; 2 threads, Zen 4)."""
+    with _autocast_off(a.device.type):
+        return torch.mm(a, b, out=out)
+
+
 def add_mm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """c [M, N] + a [M, K] · b [K, N], a new tensor, as torch.addmm(c, a, b), in the operands'
     dtype; through oneDNN the sum is the product's epilogue."""

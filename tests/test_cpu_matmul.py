@@ -108,10 +108,14 @@ def test_environment_rejects_other_values(monkeypatch):
 def test_autocast_does_not_reach_in(onednn):
     """Products keep their operands' dtype under torch.autocast (the router's stay fp32)."""
     a, b = operands(40, 24, 16, "b_transposed")
+    into = torch.empty(40, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         product, summed = _cpu_matmul.mm(a, b), _cpu_matmul.add_mm(torch.ones(40, 16), a, b)
+        written = _cpu_matmul.mm_into(a, b, into)
     assert product.dtype == summed.dtype == torch.float32
+    assert written is into  # mm_into writes its `out` itself
     assert_norm_close(product, torch.mm(a, b), torch.float32, "mm")
+    assert_norm_close(into, torch.mm(a, b), torch.float32, "mm_into")
     assert_norm_close(summed, torch.mm(a, b) + 1, torch.float32, "add_mm")
 
 

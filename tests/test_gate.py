@@ -11,8 +11,9 @@ from moepp_kernels import MoEPPConfig, MoEPPLayer
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-# T = 0, 1; below, at and past one chunk; two chunks and a tail; D not a power of two
-@pytest.mark.parametrize("tokens", [0, 1, 511, 512, 513, 1300])
+# T = 0, 1; below, at and past one chunk; two chunks and a tail; D not a power of two; fp32 dx
+# over the host cache's threshold (_tensors.CACHED_BUFFER_BYTES: a cached block)
+@pytest.mark.parametrize("tokens", [0, 1, 511, 512, 513, 1300, 26300])
 def test_gate_linear_matches_the_fp32_product(device, dtype, tokens):
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 40, generator=g).to(dtype).to(device).requires_grad_()

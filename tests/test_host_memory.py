@@ -129,6 +129,35 @@ def test_weight_gradients_from_cached_blocks_accumulate(empty_cache):
     torch.testing.assert_close(layer.up.grad, once)
 
 
+def test_layer_output_and_input_gradient_from_cached_blocks(empty_cache):
+    """[T, D] fp32 over the threshold: the combine's output and input gradient and the gate's input
+    gradient are cached blocks. Against the reference; an output kept across the next call stays as
+    it was; x's gradient over two passes is twice one pass."""
+    from conftest import assert_norm_close
+
+    from moepp_kernels import MoEPPConfig, MoEPPLayer
+    from moepp_kernels import reference as R
+
+    cfg = MoEPPConfig(hidden_size=64, ffn_size=32, n_ffn=4, n_constant=1, n_copy=1, n_zero=1, top_k=2)
+    tokens = CACHED_BUFFER_BYTES // (4 * cfg.hidden_size) + 1
+    torch.manual_seed(0)
+    layer = MoEPPLayer(cfg, has_residual=False, dtype=torch.float32)
+    x = torch.randn(tokens, cfg.hidden_size).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out, _ = layer(x)
+    kept = out.detach().clone()
+    want, _ = R.moepp_layer(x_ref, layer.reference_params(), cfg)
+    assert_norm_close(out, want, torch.float32, "out")
+    out.square().sum().backward()
+    want.square().sum().backward()
+    assert_norm_close(x.grad, x_ref.grad, torch.float32, "grad x")
+    once = x.grad.clone()
+    again, _ = layer(x)
+    assert torch.equal(out, kept)
+    again.square().sum().backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+
+
 @pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
 def test_a_bad_limit_names_the_argument(bad, error):
     with pytest.raises(error, match="nbytes"):

@@ -32,7 +32,7 @@ def _inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value):
 def _combine(x: Tensor, y: Tensor, topk_ids: Tensor, topk_weights: Tensor, slot_row: Tensor, const_logits: Tensor,
              const_value: Tensor, n_ffn: int, copy_begin: int, zero_begin: int, n_experts: int,
              scale: float) -> Tensor:
-    out = torch.empty_like(x)
+    out = new_buffer(x, x.shape)
     _C.combine_forward(_inputs(x, y, topk_ids, topk_weights, slot_row, const_logits, const_value),
                        _C.ExpertLayout(n_ffn, copy_begin, zero_begin, n_experts), scale, view(out),
                        torch.get_num_threads(), stream_handle(x.device))
@@ -54,7 +54,7 @@ def combine_backward(grad_out: Tensor, x: Tensor, y: Tensor, topk_ids: Tensor, t
     """(dx, dy, d topk_weights, d const_logits, d const_value)."""
     tokens, k = topk_ids.shape
     n_const = const_value.shape[0]
-    grad_x = torch.empty_like(x)
+    grad_x = new_buffer(x, x.shape)
     grad_y = new_buffer(y, y.shape)
     if y.device.type != "cpu":  # rows no slot reads get their true gradient, 0 (the CPU op writes them)
         grad_y.zero_()
