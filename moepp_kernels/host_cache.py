@@ -1,7 +1,7 @@
 """The host block cache behind the CPU layer's large buffers (csrc/host_memory.h).
 
 A buffer of over 4 MiB on the CPU (an expert FFN's y and h, the experts' weight
-gradients, the slot-row and input gradients) is one mapping of whole 2 MiB pages.
+gradients, the slot-row and input gradients, the combine's output) is one mapping of whole 2 MiB pages.
 glibc would often map such a buffer afresh (above its mmap threshold, which moves
 between 128 KiB and 32 MiB) or give it back to the kernel from its heap's top, and
 its pages would be faulted in, zeroed, on first write: every step, for every
