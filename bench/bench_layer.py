@@ -107,7 +107,8 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     def run():
         gate_forward()
         if fused_up:
-            _C.up_swiglu_bf16(*map(view, up_operands), 1, 1.0, view(act), view(h), torch.get_num_threads())
+            _C.up_swiglu_bf16(*map(view, up_operands), 1, 1.0, view(act), view(h) if backward else None,
+                              torch.get_num_threads())  # h kept only for a backward, as the layer does
         for e, lo, hi in experts:
             if not fused_up:
                 _cpu_matmul.mm(xg[lo:hi], up[e].t(), out=h[lo:hi])

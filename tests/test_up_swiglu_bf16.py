@@ -1,7 +1,8 @@
 """The CPU's fused bf16 first half of the experts (csrc/moe/up_swiglu_bf16.h: gather, GEMM 1 and
 SwiGLU in one pass): h against the fp64 product of the scaled gathered rows, a bit for bit as
 swiglu_forward computes it from that h, the layer through it against the unfused route, and
-clear errors for bad input. Skipped on CPUs without AVX512-BF16."""
+clear errors for bad input (checked before the CPU's: run everywhere). The kernel's tests are
+skipped on CPUs without AVX512-BF16."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from moepp_kernels import _C, MoEPPConfig, MoEPPLayer
 from moepp_kernels._ops import expert_ffn
 from moepp_kernels._tensors import view
 
-pytestmark = pytest.mark.skipif(not _C.up_swiglu_bf16_supported(), reason="needs a CPU with AVX512-BF16")
+needs_bf16_cpu = pytest.mark.skipif(not _C.up_swiglu_bf16_supported(), reason="needs a CPU with AVX512-BF16")
 
 
 def plan_of(expert_of_slot: torch.Tensor, n_ffn: int):
@@ -59,6 +60,7 @@ CASES = [(0, 64, 32, 4, 2, 1.0), (1, 2, 32, 3, 1, 1.0), (37, 64, 32, 4, 2, 2.0),
          (300, 256, 64, 8, 6, 1.0)]
 
 
+@needs_bf16_cpu
 @pytest.mark.parametrize("tokens, dim, inner, n_ffn, top_k, scale", CASES)
 @pytest.mark.parametrize("keep_h", [True, False])
 def test_matches_the_product_and_swiglu(tokens, dim, inner, n_ffn, top_k, scale, keep_h):
@@ -75,6 +77,7 @@ def test_matches_the_product_and_swiglu(tokens, dim, inner, n_ffn, top_k, scale,
         assert_close(a.double(), swiglu_of(want.bfloat16()).double(), torch.bfloat16, "a")
 
 
+@needs_bf16_cpu
 def test_empty_experts_all_rows_to_one_and_slots_naming_no_token():
     # experts 0 and 2 get no rows, expert 1 all; slot -1 and slot T * k name no token: zero rows
     g = torch.Generator().manual_seed(3)
@@ -87,6 +90,7 @@ def test_empty_experts_all_rows_to_one_and_slots_naming_no_token():
     assert torch.equal(a, swiglu_of(h))
 
 
+@needs_bf16_cpu
 def test_rows_past_the_plan_are_not_written():
     x, up = torch.randn(4, 64).bfloat16(), torch.randn(2, 64, 64).bfloat16()
     row_src = torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.int32)
@@ -95,6 +99,7 @@ def test_rows_past_the_plan_are_not_written():
     assert not torch.isnan(a[:4].float()).any()
 
 
+@needs_bf16_cpu
 @pytest.mark.parametrize("name", ["longcat", "0.6b"])
 def test_layer_matches_the_unfused_route(monkeypatch, name):
     """The bf16 layer, forward and backward, with the fused first half and without it."""
@@ -118,7 +123,7 @@ def test_layer_matches_the_unfused_route(monkeypatch, name):
 def good_args():
     x, up = torch.randn(4, 64).bfloat16(), torch.randn(2, 64, 64).bfloat16()
     return dict(x=x, row_src=torch.arange(4, dtype=torch.int32), offsets=torch.tensor([0, 2, 4], dtype=torch.int32),
-                up=up, a=torch.empty(4, 32).bfloat16(), h=torch.empty(4, 64).bfloat16())
+                up=up, a=torch.empty(4, 32).bfloat16(), h=torch.empty(4, 64).bfloat16(), top_k=1)
 
 
 @pytest.mark.parametrize("change, name", [
@@ -130,10 +135,15 @@ def good_args():
     (lambda t: t.update(offsets=torch.tensor([0, 2, 5], dtype=torch.int32)), "offsets"),  # past the rows
     (lambda t: t.update(a=torch.empty(4, 31).bfloat16()), "a"),  # wrong shape
     (lambda t: t.update(h=torch.empty(4, 64).bfloat16()[:, ::2].contiguous().t()), "h"),  # wrong shape
+    (lambda t: t.update(row_src=t["row_src"].long()), "row_src"),  # wrong dtype
+    (lambda t: t.update(top_k=0), "top_k"),
+    # no FFN experts: offsets [1], its one bound past the rows
+    (lambda t: t.update(up=torch.empty(0, 64, 64).bfloat16(), offsets=torch.tensor([9], dtype=torch.int32)),
+     "offsets"),
 ])
 def test_bad_input_names_the_argument(change, name):
     args = good_args()
     change(args)
     with pytest.raises(ValueError, match=name):
-        _C.up_swiglu_bf16(view(args["x"]), view(args["row_src"]), view(args["offsets"]), view(args["up"]), 1, 1.0,
-                          view(args["a"]), view(args["h"]), 1)
+        _C.up_swiglu_bf16(view(args["x"]), view(args["row_src"]), view(args["offsets"]), view(args["up"]),
+                          args["top_k"], 1.0, view(args["a"]), view(args["h"]), 1)
