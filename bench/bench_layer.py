@@ -14,7 +14,7 @@ from conftest import DTYPES, HAS_GPU, step
 from moepp_kernels import _C, MoEPPConfig, MoEPPLayer, _cpu_matmul, build_plan, fused_router, grouped_gemm
 from moepp_kernels import reference as R
 from moepp_kernels._ops.combine import layout_scalars
-from moepp_kernels._ops.expert_ffn import uses_fused_up_half
+from moepp_kernels._ops.expert_ffn import uses_cpu_gemms
 from moepp_kernels._tensors import view
 
 # (preset, tokens, devices it runs on): 0.6B at T = 4096 everywhere, 7B at T = 16384 on a GPU.
@@ -77,10 +77,10 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     experts' per-expert ones (2 per expert, 6 with the backward). Every implementation of the
     layer runs these same products (the reference, the authors' loop, transformers' module); they
     run here as the layer runs them (_cpu_matmul.mm: oneDNN's fp32 matmul on the CPUs where the
-    others' torch.mm runs MKL's AVX2 kernels, torch.mm otherwise; GEMM 1 in bf16 on AVX512-BF16
-    CPUs as the layer's own kernel, csrc/moe/up_swiglu_bf16.h, whose SwiGLU is the tiles'
-    epilogue), so their time is the floor under the layer (gemm_floor), and under the others
-    wherever both run torch.mm.
+    others' torch.mm runs MKL's AVX2 kernels, torch.mm otherwise; the experts' forward GEMMs, where
+    the layer runs them so, as its own CPU kernels, csrc/moe/expert_gemms_cpu.h, GEMM 1's SwiGLU
+    epilogue included), so their time is the floor under the layer (gemm_floor), and under the
+    others wherever both run torch.mm.
 
     They run in the order autograd allows any of them: every forward GEMM before any backward one
     (the upstream gradient needs the whole forward), then the experts' backward in reverse, as
@@ -100,19 +100,21 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     act = x.new_empty(rows, i)
     dx, dup, ddown = torch.empty_like(xg), torch.empty_like(up), torch.empty_like(down)
     gate_forward, gate_backward = gate_gemms(layer, x)
-    fused_up = uses_fused_up_half(x, up)  # then GEMM 1 is the CPU's bf16 kernel, run on xg's rows as they are
-    if fused_up:
-        up_operands = (xg, torch.arange(rows, dtype=torch.int32), torch.tensor(bounds, dtype=torch.int32), up)
+    own_gemms = uses_cpu_gemms(x, up, down)  # the CPU's own kernels, run on xg's rows as they are
+    offsets = torch.tensor(bounds, dtype=torch.int32)
+    up_operands = (xg, torch.arange(rows, dtype=torch.int32), offsets, up)
 
     def run():
         gate_forward()
-        if fused_up:
-            _C.up_swiglu_bf16(*map(view, up_operands), 1, 1.0, view(act), view(h) if backward else None,
-                              torch.get_num_threads())  # h kept only for a backward, as the layer does
-        for e, lo, hi in experts:
-            if not fused_up:
+        if own_gemms:
+            threads = torch.get_num_threads()
+            _C.up_swiglu_cpu(*map(view, up_operands), 1, 1.0, view(act), view(h) if backward else None,
+                             threads)  # h kept only for a backward, as the layer does
+            _C.down_cpu(view(act), view(offsets), view(down), view(y), threads)
+        else:
+            for e, lo, hi in experts:
                 _cpu_matmul.mm(xg[lo:hi], up[e].t(), out=h[lo:hi])
-            _cpu_matmul.mm(act[lo:hi], down[e].t(), out=y[lo:hi])
+                _cpu_matmul.mm(act[lo:hi], down[e].t(), out=y[lo:hi])
         if not backward:
             return
         for e, lo, hi in reversed(experts):  # y, act and h stand in for dy, da and dh (same shapes)

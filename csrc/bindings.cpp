@@ -12,8 +12,8 @@
 #include "gemm/grouped_gemm.h"
 #include "host_memory.h"
 #include "moe/combine.h"
+#include "moe/expert_gemms_cpu.h"
 #include "moe/ffn_pointwise.h"
-#include "moe/up_swiglu_bf16.h"
 #include "moe/plan.h"
 #include "router/router.h"
 #include "router/router_launch.h"
@@ -192,10 +192,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("swiglu_backward", &moe::swiglu_backward, py::arg("h"), py::arg("da"), py::arg("offsets"), py::arg("dh"),
         py::arg("a"), py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
-  m.def("up_swiglu_bf16_supported", &moe::up_swiglu_bf16_supported);
-  m.def("up_swiglu_bf16", &moe::up_swiglu_bf16, py::arg("x"), py::arg("row_src"), py::arg("offsets"), py::arg("up"),
+  m.def("expert_gemms_cpu_supported", &moe::expert_gemms_cpu_supported);
+  m.def("up_swiglu_cpu", &moe::up_swiglu_cpu, py::arg("x"), py::arg("row_src"), py::arg("offsets"), py::arg("up"),
         py::arg("top_k"), py::arg("scale"), py::arg("a"), py::arg("h"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("down_cpu", &moe::down_cpu, py::arg("a"), py::arg("offsets"), py::arg("down"), py::arg("y"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def("row_sum", &moe::row_sum, py::arg("src"), py::arg("slot_row"), py::arg("scale"), py::arg("out"),
         py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 

@@ -19,10 +19,11 @@ expert-sized buffers reused from expert to expert, so only y, h (when kept),
 the row gradients and the weight gradients span all rows, and on the CPU those
 come from the host block cache (moepp_kernels.host_cache) when large. That
 spares the page faults of fresh temporaries, which cost as much as the
-pointwise kernels themselves. In bf16 on a CPU with AVX512-BF16 its forward's
-first half is one fused kernel over every expert (csrc/moe/up_swiglu_bf16.h:
-gather, GEMM 1 and SwiGLU in one pass, x*k applied to the fp32 product) into an
-all-rows SwiGLU output, and GEMM 2 runs per expert.
+pointwise kernels themselves. On a CPU with AVX512-BF16 its forward is instead
+two kernels of our own over every expert (csrc/moe/expert_gemms_cpu.h: gather,
+GEMM 1 and SwiGLU in one pass, x*k applied to the fp32 product, into an all-rows
+SwiGLU output; then GEMM 2), in bf16 and, where fp32 products go through oneDNN,
+in fp32.
 """
 
 from typing import Optional, Tuple
@@ -82,33 +83,40 @@ class _ExpertRows:
         return [parts[e] for e in self.experts]
 
 
-# Whether this build and CPU run the fused bf16 gather + GEMM 1 + SwiGLU (csrc/moe/up_swiglu_bf16.h).
-UP_SWIGLU_BF16 = _C.up_swiglu_bf16_supported()
+# Whether this build and CPU run the CPU's own expert GEMMs (csrc/moe/expert_gemms_cpu.h).
+CPU_GEMMS = _C.expert_gemms_cpu_supported()
 
 
-def uses_fused_up_half(x: Tensor, up: Tensor) -> bool:
-    """Whether the torch backend's first half (gather, GEMM 1, SwiGLU) is the CPU's fused bf16
-    kernel: bf16 CPU tensors, D even, I a multiple of 32, on a CPU with AVX512-BF16. In
-    LongCat-Flash's layer (64 experts, D 1024, I 512, T 2048; 2 threads, Zen 4) it takes 45 ms
-    where oneDNN's GEMMs with the gather and SwiGLU passes around them took about 50."""
-    return (UP_SWIGLU_BF16 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and up.dtype == torch.bfloat16
-            and x.shape[1] % 2 == 0 and up.shape[1] % 64 == 0)
+def uses_cpu_gemms(x: Tensor, up: Tensor, down: Tensor) -> bool:
+    """Whether the torch backend's forward is the CPU's own two kernels over every expert (gather,
+    GEMM 1 and SwiGLU in one, GEMM 2 in the other) instead of a product per expert: CPU tensors of
+    one dtype, I a multiple of 32, on a CPU with AVX512-BF16; bf16 with D even, or fp32 where
+    fp32 products go through oneDNN (_cpu_matmul.ONEDNN_FP32: the non-Intel CPUs, where they were
+    measured). In LongCat-Flash's layer (64 experts, D 1024, I 512, T 2048; 2 threads, Zen 4) the
+    bf16 first half takes 45 ms where oneDNN's GEMMs with the gather and SwiGLU passes around them
+    took about 50."""
+    if not (CPU_GEMMS and x.device.type == "cpu" and up.dtype == x.dtype and down.dtype == x.dtype
+            and up.shape[1] % 64 == 0):
+        return False
+    if x.dtype == torch.bfloat16:
+        return x.shape[1] % 2 == 0
+    return x.dtype == torch.float32 and _cpu_matmul.ONEDNN_FP32
 
 
 def _torch_forward(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
                    keep_h: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """The torch backend's forward, one expert at a time: (y, h or None)."""
-    ex = _ExpertRows(offsets)
+    """The torch backend's forward, one expert at a time or the CPU's own kernels: (y, h or None)."""
     rows, inner = row_src.shape[0], down.shape[2]
     y = new_buffer(x, (rows, x.shape[1]))
     h = new_buffer(x, (rows, 2 * inner)) if keep_h else None
-    if uses_fused_up_half(x, up):  # every expert's first half in one call, then GEMM 2 per expert
+    if uses_cpu_gemms(x, up, down):
+        threads = torch.get_num_threads()
         a = new_buffer(x, (rows, inner))
-        _C.up_swiglu_bf16(view(x), view(row_src), view(offsets), view(up), top_k, scale, view(a),
-                          None if h is None else view(h), torch.get_num_threads())
-        for a_e, down_t, ye in zip(ex.rows_of(a), ex.weights(down.transpose(1, 2)), ex.rows_of(y)):
-            _cpu_matmul.mm(a_e, down_t, out=ye)
+        _C.up_swiglu_cpu(view(x), view(row_src), view(offsets), view(up), top_k, scale, view(a),
+                         None if h is None else view(h), threads)
+        _C.down_cpu(view(a), view(offsets), view(down), view(y), threads)
         return y, h
+    ex = _ExpertRows(offsets)
     h_parts = ex.rows_of(h) if keep_h else ex.first_rows(x.new_empty((ex.widest, 2 * inner)))
     for src, count, xg, up_t, he, a, down_t, ye in zip(
             ex.rows_of(row_src), ex.counts, ex.first_rows(x.new_empty((ex.widest, x.shape[1]))),

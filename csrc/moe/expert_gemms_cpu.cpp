@@ -1,0 +1,402 @@
+#include "expert_gemms_cpu.h"
+
+#include <cstring>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../parallel.h"
+#include "ffn_math.h"
+#include "indices.h"
+
+// GCC 10 and clang 9 know AVX512-BF16; older compilers and other CPUs build without the kernels.
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || \
+                            (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10))
+#define MOEPP_HAS_CPU_GEMMS 1
+#include <cpuid.h>
+#include <immintrin.h>
+#define MOEPP_CPU_GEMM_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#else
+#define MOEPP_HAS_CPU_GEMMS 0
+#endif
+
+namespace moepp::moe {
+
+namespace {
+
+constexpr int64_t kPanel = 64;      // weight rows (output columns) per panel: 4 vectors of 16 fp32
+constexpr int64_t kGatePanel = 32;  // up_swiglu's panels: 32 gate rows of U_e, then the matching up rows
+
+// offsets' bounds (host), checked: non-decreasing within [0, rows].
+const int32_t* checked_bounds(const TensorView& offsets, int64_t n_ffn, int64_t rows) {
+  check_view(offsets, "offsets", DType::kInt32, {n_ffn + 1}, DeviceType::kCPU, -1);
+  const int32_t* bounds = offsets.ptr<int32_t>();
+  for (int64_t e = 0; e <= n_ffn; ++e) {
+    if (bounds[e] < 0 || bounds[e] > rows || (e > 0 && bounds[e] < bounds[e - 1])) {
+      throw_invalid("offsets", "must be non-decreasing within [0, rows]");
+    }
+  }
+  return bounds;
+}
+
+void require_cpu_support(const char* op) {
+  if (!expert_gemms_cpu_supported()) {
+    throw std::runtime_error(std::string(op) + ": this CPU or build has no AVX-512 with AVX512-BF16");
+  }
+}
+
+// The kernels work in 32-bit words along K: a bf16 pair (elements 2p, 2p + 1) or one fp32 element.
+template <typename T>
+constexpr int64_t kPerWord = 4 / static_cast<int64_t>(sizeof(T));
+
+#if MOEPP_HAS_CPU_GEMMS
+
+// A tile is kRowsPerTile rows by one packed panel: 6 x 4 accumulators, 4 panel vectors and one
+// broadcast word (29 of the 32 vector registers), 24 dot products or FMAs per word of K.
+constexpr int kRowsPerTile = 6;
+
+inline uint32_t load_word(const void* row, int64_t p) {
+  uint32_t v;
+  std::memcpy(&v, static_cast<const char*>(row) + 4 * p, 4);
+  return v;
+}
+
+// Rows of a 16 x 16 block of 32-bit words become its columns.
+MOEPP_CPU_GEMM_TARGET inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// The dot-product layout of 16 consecutive weight rows (`row_bytes` apart, `words` each):
+// panel[p * 64 + column + i] = word p of row i, zero for the rows i >= valid (past the weight).
+MOEPP_CPU_GEMM_TARGET void pack_rows(const char* first, int64_t row_bytes, int valid, int64_t words,
+                                     uint32_t* panel, int64_t column) {
+  int64_t p = 0;
+  if (valid == 16) {
+    for (; p + 16 <= words; p += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(first + i * row_bytes + 4 * p);
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (p + j) * kPanel + column, r[j]);
+    }
+  }
+  for (; p < words; ++p) {
+    for (int i = 0; i < 16; ++i) panel[p * kPanel + column + i] = i < valid ? load_word(first + i * row_bytes, p) : 0u;
+  }
+}
+
+// up_swiglu's epilogue, one row: h's 32 gate and 32 up values scaled and rounded to T (stored
+// when kept), and a from them as swiglu_forward computes it.
+template <typename T>
+struct SwigluEpilogue {
+  T* a;  // the expert's first row of a and of h (null when not kept)
+  T* h;
+  int64_t inner, column;
+  float scale;
+
+  MOEPP_CPU_GEMM_TARGET void operator()(int64_t r, const float* gate_up) const {
+    T rounded[2 * kGatePanel];
+    for (int i = 0; i < 2 * kGatePanel; ++i) rounded[i] = from_float<T>(scale * gate_up[i]);
+    T* a_row = a + r * inner + column;
+    for (int i = 0; i < kGatePanel; ++i) {
+      a_row[i] = from_float<T>(swiglu(to_float(rounded[i]), to_float(rounded[kGatePanel + i])));
+    }
+    if (h != nullptr) {
+      std::memcpy(h + r * 2 * inner + column, rounded, kGatePanel * sizeof(T));
+      std::memcpy(h + r * 2 * inner + inner + column, rounded + kGatePanel, kGatePanel * sizeof(T));
+    }
+  }
+};
+
+// down's epilogue, one row: the panel's `width` outputs rounded to T.
+template <typename T>
+struct StoreEpilogue {
+  T* y;  // the expert's first row of y
+  int64_t dim, column, width;
+
+  MOEPP_CPU_GEMM_TARGET void operator()(int64_t r, const float* out) const {
+    T* y_row = y + r * dim + column;
+    for (int64_t i = 0; i < width; ++i) y_row[i] = from_float<T>(out[i]);
+  }
+};
+
+// R rows (first: their index among the expert's rows) against one packed panel of `words` words.
+template <typename T, int R, typename Epilogue>
+MOEPP_CPU_GEMM_TARGET void tile(const void* const* rows, const uint32_t* panel, int64_t words,
+                                const Epilogue& epilogue, int64_t first) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < words; ++p) {
+    const uint32_t* w = panel + p * kPanel;
+    const __m512i u0 = _mm512_loadu_si512(w), u1 = _mm512_loadu_si512(w + 16);
+    const __m512i u2 = _mm512_loadu_si512(w + 32), u3 = _mm512_loadu_si512(w + 48);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      if constexpr (std::is_same_v<T, float>) {
+        const __m512 x = _mm512_set1_ps(static_cast<const float*>(rows[r])[p]);
+        acc[r][0] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(u0), acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(u1), acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(u2), acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(u3), acc[r][3]);
+      } else {
+        const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_word(rows[r], p)));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, (__m512bh)u0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, (__m512bh)u1);
+        acc[r][2] = _mm512_dpbf16_ps(acc[r][2], x, (__m512bh)u2);
+        acc[r][3] = _mm512_dpbf16_ps(acc[r][3], x, (__m512bh)u3);
+      }
+    }
+  }
+  alignas(64) float out[kPanel];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(out + 16 * j, acc[r][j]);
+    epilogue(first + r, out);
+  }
+}
+
+// Rows [0, m) of one expert against one packed panel, kRowsPerTile at a time.
+template <typename T, typename Epilogue>
+MOEPP_CPU_GEMM_TARGET void panel_rows(const void* const* rows, int64_t m, const uint32_t* panel, int64_t words,
+                                      const Epilogue& epilogue) {
+  int64_t r = 0;
+  for (; r + kRowsPerTile <= m; r += kRowsPerTile) tile<T, kRowsPerTile>(rows + r, panel, words, epilogue, r);
+  switch (m - r) {
+    case 1: tile<T, 1>(rows + r, panel, words, epilogue, r); break;
+    case 2: tile<T, 2>(rows + r, panel, words, epilogue, r); break;
+    case 3: tile<T, 3>(rows + r, panel, words, epilogue, r); break;
+    case 4: tile<T, 4>(rows + r, panel, words, epilogue, r); break;
+    case 5: tile<T, 5>(rows + r, panel, words, epilogue, r); break;
+    default: break;
+  }
+}
+
+// An expert of at most kDirectRows rows skips the packing, which would cost more than its
+// product (a decode step's experts): each of its rows against the panel's 64 weight rows read
+// where they are (null: a zero row past the weight), 4 dot products at a time along K.
+constexpr int64_t kDirectRows = 2;
+
+// acc + the products of x's and w's words, lane by lane.
+template <typename T>
+MOEPP_CPU_GEMM_TARGET inline __m512 dot_step(__m512 acc, __m512i x, __m512i w) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+  } else {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+  }
+}
+
+template <typename T, typename Epilogue>
+MOEPP_CPU_GEMM_TARGET void direct_rows(const void* const* rows, int64_t m, const char* const* weight_rows,
+                                       int64_t words, const Epilogue& epilogue) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (words % 16)) - 1u);
+  for (int64_t r = 0; r < m; ++r) {
+    const char* x = static_cast<const char*>(rows[r]);
+    alignas(64) float out[kPanel];
+    for (int64_t c = 0; c < kPanel; c += 4) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      int64_t p = 0;
+      for (; p + 16 <= words; p += 16) {
+        const __m512i xv = _mm512_loadu_si512(x + 4 * p);
+        for (int j = 0; j < 4; ++j) {
+          if (weight_rows[c + j] != nullptr) acc[j] = dot_step<T>(acc[j], xv, _mm512_loadu_si512(weight_rows[c + j] + 4 * p));
+        }
+      }
+      if (p < words) {
+        const __m512i xv = _mm512_maskz_loadu_epi32(tail, x + 4 * p);
+        for (int j = 0; j < 4; ++j) {
+          if (weight_rows[c + j] != nullptr) {
+            acc[j] = dot_step<T>(acc[j], xv, _mm512_maskz_loadu_epi32(tail, weight_rows[c + j] + 4 * p));
+          }
+        }
+      }
+      for (int j = 0; j < 4; ++j) out[c + j] = _mm512_reduce_add_ps(acc[j]);
+    }
+    epilogue(r, out);
+  }
+}
+
+uint32_t* align64(uint32_t* p) {
+  return reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+}
+
+// One packed panel per worker, 64-byte aligned (one cache line per word of K).
+std::vector<std::vector<uint32_t>> panel_buffers(int workers, int64_t words) {
+  return std::vector<std::vector<uint32_t>>(workers, std::vector<uint32_t>(words * kPanel + 16));
+}
+
+template <typename T>
+void up_swiglu_typed(const TensorView& x, const int32_t* src, const int32_t* bounds, int64_t n_ffn,
+                     const TensorView& up, int top_k, float scale, T* a, T* h, int num_threads) {
+  const int64_t tokens = x.shape[0], dim = x.shape[1], inner = up.shape[1] / 2;
+  const int64_t words = dim / kPerWord<T>, panels = inner / kGatePanel, row_bytes = dim * sizeof(T);
+  const std::vector<T> zero_row(static_cast<size_t>(dim), T{0});
+  std::vector<const void*> x_rows(static_cast<size_t>(bounds[n_ffn]));
+  for (int64_t r = 0; r < bounds[n_ffn]; ++r) {
+    x_rows[r] = in_range(src[r], tokens * top_k) ? x.ptr<T>() + static_cast<int64_t>(src[r] / top_k) * dim
+                                                 : zero_row.data();
+  }
+  const int workers = choose_workers(panels, num_threads, 1);
+  auto buffers = panel_buffers(workers, words);
+  for (int64_t e = 0; e < n_ffn; ++e) {
+    const int64_t lo = bounds[e], m = bounds[e + 1] - lo;
+    if (m == 0) continue;
+    const char* u_e = reinterpret_cast<const char*>(up.ptr<T>() + e * 2 * inner * dim);
+    parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
+      uint32_t* panel = align64(buffers[w].data());
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t column = p * kGatePanel;
+        const SwigluEpilogue<T> epilogue{a + lo * inner, h == nullptr ? nullptr : h + lo * 2 * inner, inner, column,
+                                         scale};
+        if (m <= kDirectRows) {
+          const char* weight_rows[kPanel];  // gate rows, then the matching up rows
+          for (int64_t c = 0; c < kPanel; ++c) {
+            weight_rows[c] = u_e + ((c < kGatePanel ? 0 : inner - kGatePanel) + column + c) * row_bytes;
+          }
+          direct_rows<T>(x_rows.data() + lo, m, weight_rows, words, epilogue);
+          continue;
+        }
+        for (int q = 0; q < 4; ++q) {  // gate rows, then the matching up rows, 16 at a time
+          const int64_t first = (q < 2 ? 0 : inner) + column + (q % 2) * 16;
+          pack_rows(u_e + first * row_bytes, row_bytes, 16, words, panel, q * 16);
+        }
+        panel_rows<T>(x_rows.data() + lo, m, panel, words, epilogue);
+      }
+    });
+  }
+}
+
+template <typename T>
+void down_typed(const T* a, const int32_t* bounds, int64_t n_ffn, const T* down, int64_t dim, int64_t inner, T* y,
+                int num_threads) {
+  const int64_t words = inner / kPerWord<T>, panels = (dim + kPanel - 1) / kPanel, row_bytes = inner * sizeof(T);
+  std::vector<const void*> a_rows(static_cast<size_t>(bounds[n_ffn]));
+  for (int64_t r = 0; r < bounds[n_ffn]; ++r) a_rows[r] = a + r * inner;
+  const int workers = choose_workers(panels, num_threads, 1);
+  auto buffers = panel_buffers(workers, words);
+  for (int64_t e = 0; e < n_ffn; ++e) {
+    const int64_t lo = bounds[e], m = bounds[e + 1] - lo;
+    if (m == 0) continue;
+    const char* v_e = reinterpret_cast<const char*>(down + e * dim * inner);
+    parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
+      uint32_t* panel = align64(buffers[w].data());
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t column = p * kPanel;
+        const StoreEpilogue<T> epilogue{y + lo * dim, dim, column, std::min(kPanel, dim - column)};
+        if (m <= kDirectRows) {
+          const char* weight_rows[kPanel];  // V_e's rows column + c, null past D
+          for (int64_t c = 0; c < kPanel; ++c) weight_rows[c] = column + c < dim ? v_e + (column + c) * row_bytes : nullptr;
+          direct_rows<T>(a_rows.data() + lo, m, weight_rows, words, epilogue);
+          continue;
+        }
+        for (int q = 0; q < 4; ++q) {  // V_e's rows column + 16q ..., zeros past D
+          const int64_t first = column + 16 * q;
+          const int valid = static_cast<int>(std::min<int64_t>(16, std::max<int64_t>(0, dim - first)));
+          pack_rows(valid > 0 ? v_e + first * row_bytes : nullptr, row_bytes, valid, words, panel, 16 * q);
+        }
+        panel_rows<T>(a_rows.data() + lo, m, panel, words, epilogue);
+      }
+    });
+  }
+}
+
+#endif
+
+}  // namespace
+
+#if MOEPP_HAS_CPU_GEMMS
+
+bool expert_gemms_cpu_supported() {
+  static const bool supported = [] {
+    __builtin_cpu_init();  // avx512f here also means the OS saves the vector state
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
+      return false;
+    }
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+    return ((eax >> 5) & 1u) != 0;  // CPUID.(EAX=7, ECX=1):EAX[5], AVX512_BF16
+  }();
+  return supported;
+}
+
+#else
+
+bool expert_gemms_cpu_supported() { return false; }
+
+#endif
+
+void up_swiglu_cpu(const TensorView& x, const TensorView& row_src, const TensorView& offsets, const TensorView& up,
+                   int top_k, float scale, const TensorView& a, const std::optional<TensorView>& h, int num_threads) {
+  if (x.ndim != 2) throw_invalid("x", "expected shape [tokens, hidden]");
+  if (up.ndim != 3) throw_invalid("up", "expected shape [n_ffn, 2 * ffn_size, hidden]");
+  if (row_src.ndim != 1) throw_invalid("row_src", "expected shape [rows]");
+  if (top_k < 1) throw_invalid("top_k", "must be >= 1");
+  const int64_t tokens = x.shape[0], dim = x.shape[1], n_ffn = up.shape[0], inner = up.shape[1] / 2;
+  const int64_t rows = row_src.shape[0];
+  const DeviceType cpu = DeviceType::kCPU;
+  MOEPP_DISPATCH(x.dtype, "x", (float, BFloat16), T, {
+    check_view(x, "x", DTypeOf<T>::value, {tokens, dim}, cpu, -1);
+    check_view(up, "up", DTypeOf<T>::value, {n_ffn, 2 * inner, dim}, cpu, -1);
+    check_view(row_src, "row_src", DType::kInt32, {rows}, cpu, -1);
+    check_view(a, "a", DTypeOf<T>::value, {rows, inner}, cpu, -1);
+    if (h) check_view(*h, "h", DTypeOf<T>::value, {rows, 2 * inner}, cpu, -1);
+    if (dim % kPerWord<T> != 0) throw_invalid("x", "needs an even hidden size in bf16");
+    if (inner % kGatePanel != 0) throw_invalid("up", "needs ffn_size a multiple of 32");
+    const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
+    require_cpu_support("up_swiglu_cpu");
+#if MOEPP_HAS_CPU_GEMMS
+    up_swiglu_typed<T>(x, row_src.ptr<int32_t>(), bounds, n_ffn, up, top_k, scale, a.ptr<T>(),
+                       h ? h->ptr<T>() : nullptr, num_threads);
+#else
+    (void)bounds;
+    (void)scale;
+    (void)num_threads;
+#endif
+  });
+}
+
+void down_cpu(const TensorView& a, const TensorView& offsets, const TensorView& down, const TensorView& y,
+              int num_threads) {
+  if (a.ndim != 2) throw_invalid("a", "expected shape [rows, ffn_size]");
+  if (down.ndim != 3) throw_invalid("down", "expected shape [n_ffn, hidden, ffn_size]");
+  const int64_t rows = a.shape[0], inner = a.shape[1], n_ffn = down.shape[0], dim = down.shape[1];
+  const DeviceType cpu = DeviceType::kCPU;
+  MOEPP_DISPATCH(a.dtype, "a", (float, BFloat16), T, {
+    check_view(a, "a", DTypeOf<T>::value, {rows, inner}, cpu, -1);
+    check_view(down, "down", DTypeOf<T>::value, {n_ffn, dim, inner}, cpu, -1);
+    check_view(y, "y", DTypeOf<T>::value, {rows, dim}, cpu, -1);
+    if (inner % kPerWord<T> != 0) throw_invalid("a", "needs an even ffn_size in bf16");
+    const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
+    require_cpu_support("down_cpu");
+#if MOEPP_HAS_CPU_GEMMS
+    down_typed<T>(a.ptr<T>(), bounds, n_ffn, down.ptr<T>(), dim, inner, y.ptr<T>(), num_threads);
+#else
+    (void)bounds;
+    (void)num_threads;
+#endif
+  });
+}
+
+}  // namespace moepp::moe

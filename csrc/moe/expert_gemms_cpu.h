@@ -1,0 +1,35 @@
+// The CPU's own GEMM kernels for the FFN experts' forward (spec: "Experts"), bf16 or fp32, every
+// expert of a plan in one call:
+//   up_swiglu_cpu:  h[r] = scale * x[token(r)] · U_eᵀ   (rounded to x's dtype, written when asked)
+//                   a[r] = silu(h[r, :I]) * h[r, I:]    (from the rounded h, as swiglu_forward computes it)
+//   down_cpu:       y[r] = a[r] · V_eᵀ
+// for the rows r of expert e. Tiles of 6 rows by a 64-column panel of the weight's rows (U_e's
+// 32 gate rows and the matching up rows; 64 rows of V_e), 24 AVX-512 accumulators: vdpbf16ps
+// dot products of bf16 pairs, fp32 FMAs. Rows are read where they are (x's through row_src: no
+// gathered copy); each panel is packed into the worker's cache just before its rows run; the
+// SwiGLU is the first kernel's epilogue. x (a) and the weights share one dtype; I is a multiple
+// of 32 and, in bf16, D is even. Rows past offsets[n_ffn] are not written.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include "../tensor_view.h"
+
+namespace moepp::moe {
+
+// Whether this build and CPU run the kernels: x86-64 with AVX-512 F/BW/VL/DQ and AVX512-BF16
+// (Zen 4 and later, Intel from Cooper Lake), for both dtypes.
+bool expert_gemms_cpu_supported();
+
+// x [T, D], row_src [R] (slots; outside [0, T * top_k) a zero row), offsets [n_ffn + 1] (host),
+// up [n_ffn, 2I, D], a [R, I], h [R, 2I]: CPU tensors of one dtype (bf16 or fp32) but the int32
+// indices.
+void up_swiglu_cpu(const TensorView& x, const TensorView& row_src, const TensorView& offsets, const TensorView& up,
+                   int top_k, float scale, const TensorView& a, const std::optional<TensorView>& h, int num_threads);
+
+// a [R, I], offsets [n_ffn + 1] (host), down [n_ffn, D, I], y [R, D]: CPU tensors of one dtype.
+void down_cpu(const TensorView& a, const TensorView& offsets, const TensorView& down, const TensorView& y,
+              int num_threads);
+
+}  // namespace moepp::moe

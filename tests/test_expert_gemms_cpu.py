@@ -1,0 +1,232 @@
+"""The CPU's own GEMM kernels for the experts' forward (csrc/moe/expert_gemms_cpu.h), bf16 and fp32:
+up_swiglu_cpu's h against the fp64 product of the scaled gathered rows and its a bit for bit as
+swiglu_forward computes it from that h, down_cpu's y against the fp64 product, both through the
+packed tiles and the unpacked path of experts of at most 2 rows, the layer through them against
+the per-expert route, and clear errors for bad input (checked before the CPU's: run everywhere).
+The kernels' tests are skipped on CPUs without AVX512-BF16."""
+
+import pytest
+import torch
+from conftest import assert_close, assert_norm_close
+
+from moepp_kernels import _C, MoEPPConfig, MoEPPLayer, _cpu_matmul, build_plan
+from moepp_kernels._ops import expert_ffn
+from moepp_kernels._tensors import view
+
+needs_cpu_gemms = pytest.mark.skipif(not _C.expert_gemms_cpu_supported(), reason="needs a CPU with AVX512-BF16")
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def up_swiglu(x, up, row_src, offsets, top_k, scale, keep_h=True):
+    rows, inner = row_src.shape[0], up.shape[1] // 2
+    a = torch.full((rows, inner), float("nan"), dtype=x.dtype)
+    h = torch.full((rows, 2 * inner), float("nan"), dtype=x.dtype) if keep_h else None
+    _C.up_swiglu_cpu(view(x), view(row_src), view(offsets), view(up), top_k, scale, view(a),
+                     None if h is None else view(h), 2)
+    return a, h
+
+
+def down(a, offsets, weight):
+    y = torch.full((a.shape[0], weight.shape[1]), float("nan"), dtype=a.dtype)
+    _C.down_cpu(view(a), view(offsets), view(weight), view(y), 2)
+    return y
+
+
+def expected_h(x, up, row_src, offsets, top_k, scale):
+    """scale * x[token(r)] · U_eᵀ in fp64 (zero rows for slots that name no token)."""
+    tokens = x.shape[0]
+    src = row_src.long()
+    valid = (src >= 0) & (src < tokens * top_k)
+    xg = torch.zeros(src.shape[0], x.shape[1], dtype=torch.float64)
+    xg[valid] = x.double()[src[valid] // top_k]
+    return expected_y(scale * xg, offsets, up)
+
+
+def expected_y(a, offsets, weight):
+    """a_e · W_eᵀ in fp64 for each expert's rows, zero past the plan."""
+    y = torch.zeros(a.shape[0], weight.shape[1], dtype=torch.float64)
+    for e in range(weight.shape[0]):
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        y[lo:hi] = a[lo:hi].double() @ weight[e].double().t()
+    return y
+
+
+def swiglu_of(h):
+    a = torch.empty(h.shape[0], h.shape[1] // 2, dtype=h.dtype)
+    rows = torch.tensor([h.shape[0]], dtype=torch.int32)  # a one-expert plan (kept alive through the call)
+    _C.swiglu_forward(view(h), view(rows), view(a), 1, 0)
+    return a
+
+
+def random_plan(tokens, n_ffn, top_k, g):
+    """A plan with two zero-computation experts beside the FFN ones: their slots get no row."""
+    return build_plan(torch.randint(0, n_ffn + 2, (tokens, top_k), generator=g, dtype=torch.int32), n_ffn)
+
+
+# (tokens, D, I, n_ffn, k, scale): T = 0; T = 1 with D = 2 (rows of at most 2: the unpacked
+# path); rows not a multiple of the 6-row tile; one panel (I 32) and three (odd across two
+# workers); K words not a multiple of the 16-word transpose (D 70); x*k scale 2 (exact) and 1.5;
+# LongCat-like widths
+CASES = [(0, 64, 32, 4, 2, 1.0), (1, 2, 32, 3, 1, 1.0), (37, 64, 32, 4, 2, 2.0), (50, 70, 96, 5, 3, 1.5),
+         (300, 256, 64, 8, 6, 1.0)]
+
+
+@needs_cpu_gemms
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, dim, inner, n_ffn, top_k, scale", CASES)
+@pytest.mark.parametrize("keep_h", [True, False])
+def test_up_swiglu_matches_the_product_and_swiglu(dtype, tokens, dim, inner, n_ffn, top_k, scale, keep_h):
+    g = torch.Generator().manual_seed(tokens + dim)
+    x = torch.randn(tokens, dim, generator=g).to(dtype)
+    up = (torch.randn(n_ffn, 2 * inner, dim, generator=g) * dim ** -0.5).to(dtype)
+    plan = random_plan(tokens, n_ffn, top_k, g)
+    row_src, offsets = plan.row_src, plan.offsets
+    a, h = up_swiglu(x, up, row_src, offsets, top_k, scale, keep_h)
+    rows = offsets[-1].item()
+    a, h = a[:rows], None if h is None else h[:rows]
+    want = expected_h(x, up, row_src, offsets, top_k, scale)[:rows]
+    if keep_h:
+        assert_close(h.double(), want, dtype, "h")
+        assert torch.equal(a, swiglu_of(h))  # a from the rounded h, as swiglu_forward computes it
+    else:
+        assert_close(a.double(), swiglu_of(want.to(dtype)).double(), dtype, "a")
+
+
+# (tokens, D, I, n_ffn, k): T = 0; T = 1 (the unpacked path); D not a multiple of the 64-column
+# panel (70: a panel with 6 columns; 100); I words not a multiple of 16 (I 40, 42); LongCat widths
+DOWN_CASES = [(0, 64, 32, 4, 2), (1, 70, 40, 3, 1), (37, 100, 42, 4, 2), (50, 64, 96, 5, 3), (300, 1024, 64, 8, 6)]
+
+
+@needs_cpu_gemms
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, dim, inner, n_ffn, top_k", DOWN_CASES)
+def test_down_matches_the_product(dtype, tokens, dim, inner, n_ffn, top_k):
+    g = torch.Generator().manual_seed(tokens + dim)
+    plan = random_plan(tokens, n_ffn, top_k, g)
+    a = torch.randn(tokens * top_k, inner, generator=g).to(dtype)
+    weight = (torch.randn(n_ffn, dim, inner, generator=g) * inner ** -0.5).to(dtype)
+    y = down(a, plan.offsets, weight)
+    rows = plan.offsets[-1].item()
+    assert_close(y[:rows].double(), expected_y(a, plan.offsets, weight)[:rows], dtype, "y")
+    assert torch.isnan(y[rows:].float()).all()  # rows past the plan are not written
+
+
+@needs_cpu_gemms
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_and_unpacked_experts_agree_with_the_product(dtype):
+    # experts of 1, 2 (unpacked), 3 and 7 rows (packed tiles, one with a tail), and an empty one
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 128, generator=g).to(dtype)
+    up = (torch.randn(5, 128, 128, generator=g) * 128 ** -0.5).to(dtype)
+    weight = (torch.randn(5, 96, 64, generator=g) * 64 ** -0.5).to(dtype)
+    row_src = torch.arange(13, dtype=torch.int32)
+    offsets = torch.tensor([0, 1, 3, 3, 6, 13], dtype=torch.int32)
+    a, h = up_swiglu(x, up, row_src, offsets, 1, 1.0)
+    assert_close(h.double(), expected_h(x, up, row_src, offsets, 1, 1.0), dtype, "h")
+    assert torch.equal(a, swiglu_of(h))
+    assert_close(down(a, offsets, weight).double(), expected_y(a, offsets, weight), dtype, "y")
+
+
+@needs_cpu_gemms
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [3, 10])  # experts of 1 row (unpacked) and of 6 and 4 rows (packed)
+def test_empty_experts_all_rows_to_one_and_slots_naming_no_token(dtype, tokens):
+    # experts 0 and 2 get no rows, expert 1 all; slot -1 and slot T * k name no token: zero rows
+    g = torch.Generator().manual_seed(3)
+    x, up = torch.randn(tokens, 64, generator=g).to(dtype), torch.randn(3, 64, 64, generator=g).to(dtype)
+    row_src = torch.tensor([0, 5, -1, 2 * tokens, 4, 3][:1 if tokens == 3 else 6], dtype=torch.int32)
+    offsets = torch.tensor([0, 0, row_src.shape[0], row_src.shape[0]], dtype=torch.int32)
+    a, h = up_swiglu(x, up, row_src, offsets, 2, 1.0)
+    assert_close(h.double(), expected_h(x, up, row_src, offsets, 2, 1.0), dtype, "h")
+    if tokens == 10:
+        assert torch.equal(h[[2, 3]], torch.zeros(2, 64, dtype=dtype))
+    assert torch.equal(a, swiglu_of(h))
+
+
+@needs_cpu_gemms
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_past_the_plan_are_not_written(dtype):
+    x, up = torch.randn(4, 64).to(dtype), torch.randn(2, 64, 64).to(dtype)
+    row_src = torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.int32)
+    a, h = up_swiglu(x, up, row_src, torch.tensor([0, 2, 4], dtype=torch.int32), 1, 1.0)
+    assert torch.isnan(a[4:].float()).all() and torch.isnan(h[4:].float()).all()
+    assert not torch.isnan(a[:4].float()).any()
+
+
+@needs_cpu_gemms
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["longcat", "0.6b"])
+def test_layer_matches_the_per_expert_route(monkeypatch, dtype, name):
+    """The layer, forward and backward, through the CPU's own kernels and through a product per
+    expert (fp32 runs them where fp32 products go through oneDNN: forced here)."""
+    cfg = (MoEPPConfig.longcat(hidden_size=64, ffn_size=32, n_ffn=16, n_identity=8, top_k=6) if name == "longcat"
+           else MoEPPConfig.moepp_0_6b().with_(hidden_size=64, ffn_size=96))
+    torch.manual_seed(0)
+    layer = MoEPPLayer(cfg, has_residual=False, dtype=dtype)
+    x = torch.randn(100, 64).to(dtype)
+    monkeypatch.setattr(_cpu_matmul, "ONEDNN_FP32", True)
+    results = []
+    for own in (True, False):
+        monkeypatch.setattr(expert_ffn, "CPU_GEMMS", own)
+        assert expert_ffn.uses_cpu_gemms(x, layer.up, layer.down) == own
+        xi = x.clone().requires_grad_()
+        out, _ = layer(xi)
+        out.float().square().sum().backward()
+        results.append((out, xi.grad, layer.up.grad, layer.down.grad))
+        layer.zero_grad(set_to_none=True)
+    for got, want, what in zip(results[0], results[1], ("out", "grad x", "grad up", "grad down")):
+        assert_norm_close(got, want, dtype, what)
+
+
+def good_args():
+    x, up = torch.randn(4, 64).bfloat16(), torch.randn(2, 64, 64).bfloat16()
+    return dict(x=x, row_src=torch.arange(4, dtype=torch.int32), offsets=torch.tensor([0, 2, 4], dtype=torch.int32),
+                up=up, a=torch.empty(4, 32).bfloat16(), h=torch.empty(4, 64).bfloat16(), top_k=1)
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda t: t.update(x=t["x"].half()), "x"),  # dtype neither bf16 nor fp32
+    (lambda t: t.update(x=t["x"].float()), "up"),  # dtypes differ
+    (lambda t: t.update(x=torch.randn(4, 63).bfloat16(), up=torch.randn(2, 64, 63).bfloat16()), "x"),  # D odd
+    (lambda t: t.update(up=torch.randn(2, 48, 64).bfloat16(), a=torch.empty(4, 24).bfloat16(),
+                        h=torch.empty(4, 48).bfloat16()), "up"),  # I not a multiple of 32
+    (lambda t: t.update(offsets=torch.tensor([0, 3, 2], dtype=torch.int32)), "offsets"),  # decreasing
+    (lambda t: t.update(offsets=torch.tensor([0, 2, 5], dtype=torch.int32)), "offsets"),  # past the rows
+    (lambda t: t.update(a=torch.empty(4, 31).bfloat16()), "a"),  # wrong shape
+    (lambda t: t.update(h=torch.empty(4, 64).bfloat16()[:, ::2].contiguous().t()), "h"),  # wrong shape
+    (lambda t: t.update(row_src=t["row_src"].long()), "row_src"),  # wrong dtype
+    (lambda t: t.update(top_k=0), "top_k"),
+    # no FFN experts: offsets [1], its one bound past the rows
+    (lambda t: t.update(up=torch.empty(0, 64, 64).bfloat16(), offsets=torch.tensor([9], dtype=torch.int32)),
+     "offsets"),
+])
+def test_up_swiglu_bad_input_names_the_argument(change, name):
+    args = good_args()
+    change(args)
+    with pytest.raises(ValueError, match=name):
+        _C.up_swiglu_cpu(view(args["x"]), view(args["row_src"]), view(args["offsets"]), view(args["up"]),
+                         args["top_k"], 1.0, view(args["a"]), view(args["h"]), 1)
+
+
+def good_down_args():
+    return dict(a=torch.randn(4, 32).bfloat16(), offsets=torch.tensor([0, 2, 4], dtype=torch.int32),
+                down=torch.randn(2, 64, 32).bfloat16(), y=torch.empty(4, 64).bfloat16())
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda t: t.update(a=t["a"].half()), "a"),  # dtype neither bf16 nor fp32
+    (lambda t: t.update(down=t["down"].float()), "down"),  # dtypes differ
+    (lambda t: t.update(y=t["y"].float()), "y"),
+    (lambda t: t.update(a=torch.randn(4, 31).bfloat16(), down=torch.randn(2, 64, 31).bfloat16()), "a"),  # I odd
+    (lambda t: t.update(down=torch.randn(2, 64, 16).bfloat16()), "down"),  # I differs from a's
+    (lambda t: t.update(y=torch.empty(4, 63).bfloat16()), "y"),  # wrong shape
+    (lambda t: t.update(a=torch.randn(32, 4).bfloat16().t()), "a"),  # not contiguous
+    (lambda t: t.update(offsets=torch.tensor([0, 3, 2], dtype=torch.int32)), "offsets"),  # decreasing
+    (lambda t: t.update(offsets=torch.tensor([0, 2], dtype=torch.int32)), "offsets"),  # wrong length
+    (lambda t: t.update(a=torch.randn(4, 32, 1).bfloat16()), "a"),  # wrong rank
+])
+def test_down_bad_input_names_the_argument(change, name):
+    args = good_down_args()
+    change(args)
+    with pytest.raises(ValueError, match=name):
+        _C.down_cpu(view(args["a"]), view(args["offsets"]), view(args["down"]), view(args["y"]), 1)
