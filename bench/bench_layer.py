@@ -76,11 +76,12 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     """Only the layer's GEMMs on preallocated operands: the gate's (gate_gemms) and the FFN
     experts' per-expert ones (2 per expert, 6 with the backward). Every implementation of the
     layer runs these same products (the reference, the authors' loop, transformers' module); they
-    run here as the layer runs them (_cpu_matmul.mm: oneDNN's fp32 matmul on the CPUs where the
-    others' torch.mm runs MKL's AVX2 kernels, torch.mm otherwise; the experts' forward GEMMs, where
-    the layer runs them so, as its own CPU kernels, csrc/moe/expert_gemms_cpu.h, GEMM 1's SwiGLU
-    epilogue included), so their time is the floor under the layer (gemm_floor), and under the
-    others wherever both run torch.mm.
+    run here as the layer runs them, so their time is the floor under the layer (gemm_floor), and
+    under the others wherever both run torch.mm: through _cpu_matmul.mm (oneDNN's fp32 matmul on
+    the CPUs where the others' torch.mm runs MKL's AVX2 kernels, torch.mm otherwise), and where
+    the layer runs its own CPU kernels (csrc/moe/expert_gemms_cpu.h) through those: the forward's
+    two GEMMs with GEMM 1's SwiGLU epilogue, the backward's dA with its SwiGLU backward epilogue
+    and dX, each over every expert, the weight gradients per expert.
 
     They run in the order autograd allows any of them: every forward GEMM before any backward one
     (the upstream gradient needs the whole forward), then the experts' backward in reverse, as
@@ -98,7 +99,7 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     rows, d, i = bounds[-1], cfg.hidden_size, cfg.ffn_size
     xg, h, y = x.new_empty(rows, d).normal_(), x.new_empty(rows, 2 * i), x.new_empty(rows, d)
     act = x.new_empty(rows, i)
-    dx, dup, ddown = torch.empty_like(xg), torch.empty_like(up), torch.empty_like(down)
+    dx, dup, ddown, dh = torch.empty_like(xg), torch.empty_like(up), torch.empty_like(down), torch.empty_like(h)
     gate_forward, gate_backward = gate_gemms(layer, x)
     own_gemms = uses_cpu_gemms(x, up, down)  # the CPU's own kernels, run on xg's rows as they are
     offsets = torch.tensor(bounds, dtype=torch.int32)
@@ -117,11 +118,19 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
                 _cpu_matmul.mm(act[lo:hi], down[e].t(), out=y[lo:hi])
         if not backward:
             return
-        for e, lo, hi in reversed(experts):  # y, act and h stand in for dy, da and dh (same shapes)
-            _cpu_matmul.mm(y[lo:hi], down[e], out=act[lo:hi])
-            _cpu_matmul.mm(y[lo:hi].t(), act[lo:hi], out=ddown[e])
-            _cpu_matmul.mm(h[lo:hi].t(), xg[lo:hi], out=dup[e])
-            _cpu_matmul.mm(h[lo:hi], up[e], out=dx[lo:hi])
+        if own_gemms:  # y stands in for dy (same shape); the weight gradients per expert, as the layer runs them
+            threads = torch.get_num_threads()
+            _C.swiglu_grad_cpu(view(y), view(offsets), view(down), view(h), view(dh), view(act), threads)
+            _C.up_grad_input_cpu(view(dh), view(offsets), view(up), view(dx), threads)
+            for e, lo, hi in experts:
+                _cpu_matmul.mm(y[lo:hi].t(), act[lo:hi], out=ddown[e])
+                _cpu_matmul.mm(dh[lo:hi].t(), xg[lo:hi], out=dup[e])
+        else:
+            for e, lo, hi in reversed(experts):  # y, act and h stand in for dy, da and dh (same shapes)
+                _cpu_matmul.mm(y[lo:hi], down[e], out=act[lo:hi])
+                _cpu_matmul.mm(y[lo:hi].t(), act[lo:hi], out=ddown[e])
+                _cpu_matmul.mm(h[lo:hi].t(), xg[lo:hi], out=dup[e])
+                _cpu_matmul.mm(h[lo:hi], up[e], out=dx[lo:hi])
         gate_backward()
     return run
 

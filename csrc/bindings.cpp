@@ -198,6 +198,10 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("down_cpu", &moe::down_cpu, py::arg("a"), py::arg("offsets"), py::arg("down"), py::arg("y"),
         py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("swiglu_grad_cpu", &moe::swiglu_grad_cpu, py::arg("dy"), py::arg("offsets"), py::arg("down"), py::arg("h"),
+        py::arg("dh"), py::arg("a"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("up_grad_input_cpu", &moe::up_grad_input_cpu, py::arg("dh"), py::arg("offsets"), py::arg("up"),
+        py::arg("dx"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def("row_sum", &moe::row_sum, py::arg("src"), py::arg("slot_row"), py::arg("scale"), py::arg("out"),
         py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 

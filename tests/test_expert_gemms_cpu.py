@@ -111,6 +111,69 @@ def test_down_matches_the_product(dtype, tokens, dim, inner, n_ffn, top_k):
     assert torch.isnan(y[rows:].float()).all()  # rows past the plan are not written
 
 
+def swiglu_grad(dy, offsets, weight, h):
+    rows, inner = h.shape[0], h.shape[1] // 2
+    dh = torch.full((rows, 2 * inner), float("nan"), dtype=h.dtype)
+    a = torch.full((rows, inner), float("nan"), dtype=h.dtype)
+    _C.swiglu_grad_cpu(view(dy), view(offsets), view(weight), view(h), view(dh), view(a), 2)
+    return dh, a
+
+
+def swiglu_backward_of(h, da):
+    dh, a = torch.empty_like(h), torch.empty_like(da)
+    rows = torch.tensor([h.shape[0]], dtype=torch.int32)
+    _C.swiglu_backward(view(h), view(da), view(rows), view(dh), view(a), 1, 0)
+    return dh, a
+
+
+# (tokens, D, I, n_ffn, k): T = 0; T = 1; I 32 and 96 (panels of 64 columns with a 32-column
+# tail); D 70 (dx's panel tail, K words not a multiple of 16); LongCat-like widths
+GRAD_CASES = [(0, 64, 32, 4, 2), (1, 64, 32, 3, 1), (37, 70, 96, 4, 2), (50, 128, 64, 5, 3), (300, 256, 64, 8, 6)]
+
+
+@needs_cpu_gemms
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, dim, inner, n_ffn, top_k", GRAD_CASES)
+def test_swiglu_grad_and_up_grad_input_match_the_products(dtype, tokens, dim, inner, n_ffn, top_k):
+    g = torch.Generator().manual_seed(tokens + dim + 1)
+    plan = random_plan(tokens, n_ffn, top_k, g)
+    rows, offsets = tokens * top_k, plan.offsets
+    dy, h = torch.randn(rows, dim, generator=g).to(dtype), torch.randn(rows, 2 * inner, generator=g).to(dtype)
+    down_w = (torch.randn(n_ffn, dim, inner, generator=g) * dim ** -0.5).to(dtype)
+    up_w = (torch.randn(n_ffn, 2 * inner, dim, generator=g) * inner ** -0.5).to(dtype)
+    dh, a = swiglu_grad(dy, offsets, down_w, h)
+    valid = offsets[-1].item()
+    da = torch.zeros(rows, inner, dtype=torch.float64)  # dy_e · V_e in fp64
+    for e in range(n_ffn):
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        da[lo:hi] = dy[lo:hi].double() @ down_w[e].double()
+    dh_want, a_want = swiglu_backward_of(h, da.to(dtype))
+    assert_close(dh[:valid].double(), dh_want[:valid].double(), dtype, "dh")
+    assert torch.equal(a[:valid], a_want[:valid])  # a from h alone, as swiglu_backward computes it
+    assert torch.isnan(dh[valid:].float()).all() and torch.isnan(a[valid:].float()).all()
+    dx = torch.full((rows, dim), float("nan"), dtype=dtype)
+    _C.up_grad_input_cpu(view(dh), view(offsets), view(up_w), view(dx), 2)
+    dx_want = torch.zeros(rows, dim, dtype=torch.float64)
+    for e in range(n_ffn):
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        dx_want[lo:hi] = dh[lo:hi].double() @ up_w[e].double()
+    assert_close(dx[:valid].double(), dx_want[:valid], dtype, "dx")
+    assert torch.isnan(dx[valid:].float()).all()
+
+
+@needs_cpu_gemms
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_grad_epilogue_is_swiglu_backward_bit_for_bit(dtype):
+    # V_e = identity (D = I): da = dy exactly, so dh and a must be swiglu_backward's to the bit
+    g = torch.Generator().manual_seed(7)
+    dy, h = torch.randn(40, 96, generator=g).to(dtype), torch.randn(40, 192, generator=g).to(dtype)
+    eye = torch.eye(96).to(dtype).expand(3, 96, 96).contiguous()
+    offsets = torch.tensor([0, 7, 7, 40], dtype=torch.int32)
+    dh, a = swiglu_grad(dy, offsets, eye, h)
+    dh_want, a_want = swiglu_backward_of(h, dy)
+    assert torch.equal(dh, dh_want) and torch.equal(a, a_want)
+
+
 @needs_cpu_gemms
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_and_unpacked_experts_agree_with_the_product(dtype):
@@ -230,3 +293,43 @@ def test_down_bad_input_names_the_argument(change, name):
     change(args)
     with pytest.raises(ValueError, match=name):
         _C.down_cpu(view(args["a"]), view(args["offsets"]), view(args["down"]), view(args["y"]), 1)
+
+
+def good_grad_args():
+    return dict(dy=torch.randn(4, 64).bfloat16(), offsets=torch.tensor([0, 2, 4], dtype=torch.int32),
+                down=torch.randn(2, 64, 32).bfloat16(), h=torch.randn(4, 64).bfloat16(),
+                dh=torch.empty(4, 64).bfloat16(), a=torch.empty(4, 32).bfloat16(), up=torch.randn(2, 64, 64).bfloat16(),
+                dx=torch.empty(4, 64).bfloat16())
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda t: t.update(dy=t["dy"].half()), "dy"),  # dtype neither bf16 nor fp32
+    (lambda t: t.update(down=t["down"].float()), "down"),  # dtypes differ
+    (lambda t: t.update(dy=torch.randn(4, 63).bfloat16(), down=torch.randn(2, 63, 32).bfloat16()), "dy"),  # D odd
+    (lambda t: t.update(h=torch.randn(4, 62).bfloat16()), "h"),  # wrong shape
+    (lambda t: t.update(dh=torch.empty(64, 4).bfloat16().t()), "dh"),  # not contiguous
+    (lambda t: t.update(a=torch.empty(4, 33).bfloat16()), "a"),
+    (lambda t: t.update(offsets=torch.tensor([0, 5, 4], dtype=torch.int32)), "offsets"),  # past the rows
+    (lambda t: t.update(dy=torch.randn(4, 64, 1).bfloat16()), "dy"),  # wrong rank
+])
+def test_swiglu_grad_bad_input_names_the_argument(change, name):
+    args = good_grad_args()
+    change(args)
+    with pytest.raises(ValueError, match=name):
+        _C.swiglu_grad_cpu(view(args["dy"]), view(args["offsets"]), view(args["down"]), view(args["h"]),
+                           view(args["dh"]), view(args["a"]), 1)
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda t: t.update(dh=t["dh"].half()), "dh"),  # dtype neither bf16 nor fp32
+    (lambda t: t.update(up=t["up"].float()), "up"),  # dtypes differ
+    (lambda t: t.update(dx=t["dx"].float()), "dx"),
+    (lambda t: t.update(up=torch.randn(2, 62, 64).bfloat16()), "up"),  # 2I differs from dh's
+    (lambda t: t.update(dx=torch.empty(4, 63).bfloat16()), "dx"),  # wrong shape
+    (lambda t: t.update(offsets=torch.tensor([2, 1, 4], dtype=torch.int32)), "offsets"),  # decreasing
+])
+def test_up_grad_input_bad_input_names_the_argument(change, name):
+    args = good_grad_args()
+    change(args)
+    with pytest.raises(ValueError, match=name):
+        _C.up_grad_input_cpu(view(args["dh"]), view(args["offsets"]), view(args["up"]), view(args["dx"]), 1)

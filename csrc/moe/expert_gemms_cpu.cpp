@@ -140,6 +140,80 @@ struct StoreEpilogue {
   }
 };
 
+// The dot-product layout of columns [column, column + width) of a row-major [K, N] weight
+// (`row_bytes` apart, `words` words of K): panel[p * 64 + c] = word p of column + c (in bf16 the
+// pair of rows 2p and 2p + 1), zero for c >= width.
+constexpr int64_t kPrefetchWords = 8;
+
+template <typename T>
+MOEPP_CPU_GEMM_TARGET void pack_columns(const char* weight, int64_t row_bytes, int64_t words, int64_t column,
+                                        int64_t width, uint32_t* panel) {
+  const T* first = reinterpret_cast<const T*>(weight) + column;
+  if constexpr (std::is_same_v<T, float>) {
+    const __mmask16 masks[4] = {
+        static_cast<__mmask16>(width >= 16 ? 0xffff : (1u << std::max<int64_t>(width, 0)) - 1u),
+        static_cast<__mmask16>(width >= 32 ? 0xffff : (1u << std::max<int64_t>(width - 16, 0)) - 1u),
+        static_cast<__mmask16>(width >= 48 ? 0xffff : (1u << std::max<int64_t>(width - 32, 0)) - 1u),
+        static_cast<__mmask16>(width >= 64 ? 0xffff : (1u << std::max<int64_t>(width - 48, 0)) - 1u)};
+    for (int64_t p = 0; p < words; ++p) {
+      const float* row = reinterpret_cast<const float*>(reinterpret_cast<const char*>(first) + p * row_bytes);
+      if (p + kPrefetchWords < words) {  // the row kPrefetchWords words on: strided reads the prefetcher misses
+        const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchWords * row_bytes;
+        for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+      }
+      for (int j = 0; j < 4; ++j) {
+        _mm512_store_ps(reinterpret_cast<float*>(panel + p * kPanel + 16 * j), _mm512_maskz_loadu_ps(masks[j], row + 16 * j));
+      }
+    }
+  } else {
+    // words of column c: (row 2p, row 2p + 1) interleaved; index i < 32 of a source picks row 2p
+    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i high = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
+                                          22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+    const __mmask32 masks[2] = {
+        static_cast<__mmask32>(width >= 32 ? 0xffffffffu : (1u << std::max<int64_t>(width, 0)) - 1u),
+        static_cast<__mmask32>(width >= 64 ? 0xffffffffu : (1u << std::max<int64_t>(width - 32, 0)) - 1u)};
+    for (int64_t p = 0; p < words; ++p) {
+      const char* even = reinterpret_cast<const char*>(first) + 2 * p * row_bytes;
+      if (p + kPrefetchWords < words) {  // the rows kPrefetchWords words on: strided reads the prefetcher misses
+        const char* ahead = even + 2 * kPrefetchWords * row_bytes;
+        for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + (line / 2) * row_bytes + 64 * (line % 2), _MM_HINT_T0);
+      }
+      for (int half = 0; half < 2; ++half) {
+        const __m512i r0 = _mm512_maskz_loadu_epi16(masks[half], even + 64 * half);
+        const __m512i r1 = _mm512_maskz_loadu_epi16(masks[half], even + row_bytes + 64 * half);
+        _mm512_store_si512(panel + p * kPanel + 32 * half, _mm512_permutex2var_epi16(r0, low, r1));
+        _mm512_store_si512(panel + p * kPanel + 32 * half + 16, _mm512_permutex2var_epi16(r0, high, r1));
+      }
+    }
+  }
+}
+
+// swiglu_grad's epilogue, one row: the panel's `width` values of da rounded to T (as a product
+// stored in T would be), then swiglu_backward_row's math: a, d gate and d up from h and da.
+template <typename T>
+struct SwigluGradEpilogue {
+  const T* h;  // the expert's first row of h, dh and a
+  T* dh;
+  T* a;
+  int64_t inner, column, width;
+
+  MOEPP_CPU_GEMM_TARGET void operator()(int64_t r, const float* da) const {
+    const T* h_row = h + r * 2 * inner + column;
+    T* dh_row = dh + r * 2 * inner + column;
+    T* a_row = a + r * inner + column;
+    for (int64_t i = 0; i < width; ++i) {
+      float act, dgate, dup;
+      swiglu_backward(to_float(h_row[i]), to_float(h_row[inner + i]), to_float(from_float<T>(da[i])), &act, &dgate,
+                      &dup);
+      a_row[i] = from_float<T>(act);
+      dh_row[i] = from_float<T>(dgate);
+      dh_row[inner + i] = from_float<T>(dup);
+    }
+  }
+};
+
 // R rows (first: their index among the expert's rows) against one packed panel of `words` words.
 template <typename T, int R, typename Epilogue>
 MOEPP_CPU_GEMM_TARGET void tile(const void* const* rows, const uint32_t* panel, int64_t words,
@@ -321,6 +395,32 @@ void down_typed(const T* a, const int32_t* bounds, int64_t n_ffn, const T* down,
   }
 }
 
+// rows[r] · B_e for every expert's rows, B_e the [K, N] weight at weights + e * weight_elements
+// (N-contiguous), panels of 64 columns of N, each row's outputs to make_epilogue(lo, column,
+// width).
+template <typename T, typename MakeEpilogue>
+void rows_by_columns(const T* rows, int64_t k, const int32_t* bounds, int64_t n_ffn, const T* weights, int64_t n,
+                     int num_threads, const MakeEpilogue& make_epilogue) {
+  const int64_t words = k / kPerWord<T>, panels = (n + kPanel - 1) / kPanel, row_bytes = n * sizeof(T);
+  std::vector<const void*> row_ptrs(static_cast<size_t>(bounds[n_ffn]));
+  for (int64_t r = 0; r < bounds[n_ffn]; ++r) row_ptrs[r] = rows + r * k;
+  const int workers = choose_workers(panels, num_threads, 1);
+  auto buffers = panel_buffers(workers, words);
+  for (int64_t e = 0; e < n_ffn; ++e) {
+    const int64_t lo = bounds[e], m = bounds[e + 1] - lo;
+    if (m == 0) continue;
+    const char* b_e = reinterpret_cast<const char*>(weights + e * k * n);
+    parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
+      uint32_t* panel = align64(buffers[w].data());
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t column = p * kPanel, width = std::min(kPanel, n - column);
+        pack_columns<T>(b_e, row_bytes, words, column, width, panel);
+        panel_rows<T>(row_ptrs.data() + lo, m, panel, words, make_epilogue(lo, column, width));
+      }
+    });
+  }
+}
+
 #endif
 
 }  // namespace
@@ -392,6 +492,63 @@ void down_cpu(const TensorView& a, const TensorView& offsets, const TensorView& 
     require_cpu_support("down_cpu");
 #if MOEPP_HAS_CPU_GEMMS
     down_typed<T>(a.ptr<T>(), bounds, n_ffn, down.ptr<T>(), dim, inner, y.ptr<T>(), num_threads);
+#else
+    (void)bounds;
+    (void)num_threads;
+#endif
+  });
+}
+
+void swiglu_grad_cpu(const TensorView& dy, const TensorView& offsets, const TensorView& down, const TensorView& h,
+                     const TensorView& dh, const TensorView& a, int num_threads) {
+  if (dy.ndim != 2) throw_invalid("dy", "expected shape [rows, hidden]");
+  if (down.ndim != 3) throw_invalid("down", "expected shape [n_ffn, hidden, ffn_size]");
+  const int64_t rows = dy.shape[0], dim = dy.shape[1], n_ffn = down.shape[0], inner = down.shape[2];
+  const DeviceType cpu = DeviceType::kCPU;
+  MOEPP_DISPATCH(dy.dtype, "dy", (float, BFloat16), T, {
+    check_view(dy, "dy", DTypeOf<T>::value, {rows, dim}, cpu, -1);
+    check_view(down, "down", DTypeOf<T>::value, {n_ffn, dim, inner}, cpu, -1);
+    check_view(h, "h", DTypeOf<T>::value, {rows, 2 * inner}, cpu, -1);
+    check_view(dh, "dh", DTypeOf<T>::value, {rows, 2 * inner}, cpu, -1);
+    check_view(a, "a", DTypeOf<T>::value, {rows, inner}, cpu, -1);
+    if (dim % kPerWord<T> != 0) throw_invalid("dy", "needs an even hidden size in bf16");
+    const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
+    require_cpu_support("swiglu_grad_cpu");
+#if MOEPP_HAS_CPU_GEMMS
+    const T* h_data = h.ptr<T>();
+    T* dh_data = dh.ptr<T>();
+    T* a_data = a.ptr<T>();
+    rows_by_columns<T>(dy.ptr<T>(), dim, bounds, n_ffn, down.ptr<T>(), inner, num_threads,
+                       [&](int64_t lo, int64_t column, int64_t width) {
+                         return SwigluGradEpilogue<T>{h_data + lo * 2 * inner, dh_data + lo * 2 * inner,
+                                                      a_data + lo * inner, inner, column, width};
+                       });
+#else
+    (void)bounds;
+    (void)num_threads;
+#endif
+  });
+}
+
+void up_grad_input_cpu(const TensorView& dh, const TensorView& offsets, const TensorView& up, const TensorView& dx,
+                       int num_threads) {
+  if (dh.ndim != 2) throw_invalid("dh", "expected shape [rows, 2 * ffn_size]");
+  if (up.ndim != 3) throw_invalid("up", "expected shape [n_ffn, 2 * ffn_size, hidden]");
+  const int64_t rows = dh.shape[0], width = dh.shape[1], n_ffn = up.shape[0], dim = up.shape[2];
+  const DeviceType cpu = DeviceType::kCPU;
+  MOEPP_DISPATCH(dh.dtype, "dh", (float, BFloat16), T, {
+    check_view(dh, "dh", DTypeOf<T>::value, {rows, width}, cpu, -1);
+    check_view(up, "up", DTypeOf<T>::value, {n_ffn, width, dim}, cpu, -1);
+    check_view(dx, "dx", DTypeOf<T>::value, {rows, dim}, cpu, -1);
+    if (width % kPerWord<T> != 0) throw_invalid("dh", "needs an even width in bf16");
+    const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
+    require_cpu_support("up_grad_input_cpu");
+#if MOEPP_HAS_CPU_GEMMS
+    T* dx_data = dx.ptr<T>();
+    rows_by_columns<T>(dh.ptr<T>(), width, bounds, n_ffn, up.ptr<T>(), dim, num_threads,
+                       [&](int64_t lo, int64_t column, int64_t columns) {
+                         return StoreEpilogue<T>{dx_data + lo * dim, dim, column, columns};
+                       });
 #else
     (void)bounds;
     (void)num_threads;

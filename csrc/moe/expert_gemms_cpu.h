@@ -1,5 +1,5 @@
-// The CPU's own GEMM kernels for the FFN experts' forward (spec: "Experts"), bf16 or fp32, every
-// expert of a plan in one call:
+// The CPU's own GEMM kernels for the FFN experts (spec: "Experts"), bf16 or fp32, every expert of
+// a plan in one call; the forward's:
 //   up_swiglu_cpu:  h[r] = scale * x[token(r)] · U_eᵀ   (rounded to x's dtype, written when asked)
 //                   a[r] = silu(h[r, :I]) * h[r, I:]    (from the rounded h, as swiglu_forward computes it)
 //   down_cpu:       y[r] = a[r] · V_eᵀ
@@ -31,5 +31,16 @@ void up_swiglu_cpu(const TensorView& x, const TensorView& row_src, const TensorV
 // a [R, I], offsets [n_ffn + 1] (host), down [n_ffn, D, I], y [R, D]: CPU tensors of one dtype.
 void down_cpu(const TensorView& a, const TensorView& offsets, const TensorView& down, const TensorView& y,
               int num_threads);
+
+// The backward's products of the rows with the weights (the weight gradients stay torch's):
+// swiglu_grad_cpu: da = dy[r] · V_e (rounded to the dtype), then dh and a from h and da as
+//   swiglu_backward computes them; dy [R, D], down [n_ffn, D, I], h and dh [R, 2I], a [R, I].
+// up_grad_input_cpu: dx[r] = dh[r] · U_e; dh [R, 2I], up [n_ffn, 2I, D], dx [R, D].
+// V_e and U_e are read along their rows here (the weights' columns are the outputs): packed 64
+// columns at a time.
+void swiglu_grad_cpu(const TensorView& dy, const TensorView& offsets, const TensorView& down, const TensorView& h,
+                     const TensorView& dh, const TensorView& a, int num_threads);
+void up_grad_input_cpu(const TensorView& dh, const TensorView& offsets, const TensorView& up, const TensorView& dx,
+                       int num_threads);
 
 }  // namespace moepp::moe

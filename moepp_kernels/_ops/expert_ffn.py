@@ -19,11 +19,12 @@ expert-sized buffers reused from expert to expert, so only y, h (when kept),
 the row gradients and the weight gradients span all rows, and on the CPU those
 come from the host block cache (moepp_kernels.host_cache) when large. That
 spares the page faults of fresh temporaries, which cost as much as the
-pointwise kernels themselves. On a CPU with AVX512-BF16 its forward is instead
-two kernels of our own over every expert (csrc/moe/expert_gemms_cpu.h: gather,
-GEMM 1 and SwiGLU in one pass, x*k applied to the fp32 product, into an all-rows
-SwiGLU output; then GEMM 2), in bf16 and, where fp32 products go through oneDNN,
-in fp32.
+pointwise kernels themselves. On a CPU with AVX512-BF16 it runs kernels of our
+own over every expert instead (csrc/moe/expert_gemms_cpu.h), in bf16 and, where
+fp32 products go through oneDNN, in fp32: the forward's gather, GEMM 1 and SwiGLU
+in one pass (x*k applied to the fp32 product) into an all-rows SwiGLU output,
+then GEMM 2; the backward's dA with the SwiGLU backward as its epilogue, and dX;
+only the weight gradients stay per-expert products.
 """
 
 from typing import Optional, Tuple
@@ -155,9 +156,37 @@ def _windowed_grad_a(dy_all: Tensor, down_e: Tensor, lo: int, hi: int, valid_row
     return out[lo - start:hi - start]
 
 
+def _cpu_gemms_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
+                        slot_row: Tensor, offsets: Tensor, top_k: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """The torch backend's backward through the CPU's own kernels (where uses_cpu_gemms): dh and a
+    in one call over every expert (da = dy·V_e with the SwiGLU backward as its epilogue), the
+    slot rows' dx in another (dh·U_e), then the weight gradients per expert with torch's
+    products, each expert's rows of x gathered into a buffer reused from expert to expert."""
+    threads = torch.get_num_threads()
+    ex = _ExpertRows(offsets)
+    rows, dim, inner = row_src.shape[0], x.shape[1], down.shape[2]
+    dh, a, dxg = new_buffer(h, h.shape), new_buffer(x, (rows, inner)), new_buffer(x, (rows, dim))
+    _C.swiglu_grad_cpu(view(grad_y), view(offsets), view(down), view(h), view(dh), view(a), threads)
+    _C.up_grad_input_cpu(view(dh), view(offsets), view(up), view(dxg), threads)
+    grad_up, grad_down = new_buffer(up, up.shape), new_buffer(down, down.shape)
+    for e in sorted(set(range(up.shape[0])) - set(ex.experts)):
+        grad_up[e].zero_()
+        grad_down[e].zero_()
+    for dy, a_e, dh_e, src, count, xg, grad_up_e, grad_down_e in zip(
+            ex.rows_of(grad_y), ex.rows_of(a), ex.rows_of(dh), ex.rows_of(row_src), ex.counts,
+            ex.first_rows(x.new_empty((ex.widest, dim))), ex.weights(grad_up), ex.weights(grad_down)):
+        _cpu_matmul.mm(dy.t(), a_e, out=grad_down_e)
+        _cpu_matmul.mm(dh_e.t(), _gather(x, src, count, top_k, scale, out=xg), out=grad_up_e)
+    grad_x = new_buffer(x, x.shape)
+    _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, 0)
+    return grad_x, grad_up, grad_down
+
+
 def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
                     slot_row: Tensor, offsets: Tensor, top_k: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """The torch backend's backward, one expert at a time."""
+    """The torch backend's backward, one expert at a time (or _cpu_gemms_backward)."""
+    if uses_cpu_gemms(x, up, down):
+        return _cpu_gemms_backward(grad_y, x, up, down, h, row_src, slot_row, offsets, top_k, scale)
     threads, stream = torch.get_num_threads(), stream_handle(x.device)
     ex = _ExpertRows(offsets)
     inner = down.shape[2]
