@@ -89,13 +89,14 @@ CPU_GEMMS = _C.expert_gemms_cpu_supported()
 
 
 def uses_cpu_gemms(x: Tensor, up: Tensor, down: Tensor) -> bool:
-    """Whether the torch backend's forward is the CPU's own two kernels over every expert (gather,
-    GEMM 1 and SwiGLU in one, GEMM 2 in the other) instead of a product per expert: CPU tensors of
-    one dtype, I a multiple of 32, on a CPU with AVX512-BF16; bf16 with D even, or fp32 where
-    fp32 products go through oneDNN (_cpu_matmul.ONEDNN_FP32: the non-Intel CPUs, where they were
-    measured). In LongCat-Flash's layer (64 experts, D 1024, I 512, T 2048; 2 threads, Zen 4) the
-    bf16 first half takes 45 ms where oneDNN's GEMMs with the gather and SwiGLU passes around them
-    took about 50."""
+    """Whether the torch backend runs the CPU's own kernels over every expert instead of a product
+    per expert: in the forward gather, GEMM 1 and SwiGLU in one and GEMM 2 in the other, in the
+    backward dA with the SwiGLU backward in one and dX in the other (the weight gradients stay per
+    expert). CPU tensors of one dtype, I a multiple of 32, on a CPU with AVX512-BF16; bf16 with D
+    even, or fp32 where fp32 products go through oneDNN (_cpu_matmul.ONEDNN_FP32: the non-Intel
+    CPUs, where they were measured). The forward op at LongCat-Flash's layout (64 experts, D 1024,
+    I 512, T 2048; 2 threads, Zen 4) took 131 ms in fp32 and 72 ms in bf16 through them, 145 and
+    76 ms through oneDNN's per-expert GEMMs with the gather and SwiGLU passes around them."""
     if not (CPU_GEMMS and x.device.type == "cpu" and up.dtype == x.dtype and down.dtype == x.dtype
             and up.shape[1] % 64 == 0):
         return False
