@@ -62,6 +62,11 @@ inline uint32_t load_word(const void* row, int64_t p) {
   return v;
 }
 
+// A mask of the first n of `lanes` (at most 32) lanes, none for n <= 0.
+inline uint32_t first_lanes(int64_t n, int lanes) {
+  return n >= lanes ? static_cast<uint32_t>((uint64_t{1} << lanes) - 1u) : n <= 0 ? 0u : (1u << n) - 1u;
+}
+
 // Rows of a 16 x 16 block of 32-bit words become its columns.
 MOEPP_CPU_GEMM_TARGET inline void transpose16(__m512i r[16]) {
   __m512i t[16];
@@ -150,11 +155,10 @@ MOEPP_CPU_GEMM_TARGET void pack_columns(const char* weight, int64_t row_bytes, i
                                         int64_t width, uint32_t* panel) {
   const T* first = reinterpret_cast<const T*>(weight) + column;
   if constexpr (std::is_same_v<T, float>) {
-    const __mmask16 masks[4] = {
-        static_cast<__mmask16>(width >= 16 ? 0xffff : (1u << std::max<int64_t>(width, 0)) - 1u),
-        static_cast<__mmask16>(width >= 32 ? 0xffff : (1u << std::max<int64_t>(width - 16, 0)) - 1u),
-        static_cast<__mmask16>(width >= 48 ? 0xffff : (1u << std::max<int64_t>(width - 32, 0)) - 1u),
-        static_cast<__mmask16>(width >= 64 ? 0xffff : (1u << std::max<int64_t>(width - 48, 0)) - 1u)};
+    const __mmask16 masks[4] = {static_cast<__mmask16>(first_lanes(width, 16)),
+                                static_cast<__mmask16>(first_lanes(width - 16, 16)),
+                                static_cast<__mmask16>(first_lanes(width - 32, 16)),
+                                static_cast<__mmask16>(first_lanes(width - 48, 16))};
     for (int64_t p = 0; p < words; ++p) {
       const float* row = reinterpret_cast<const float*>(reinterpret_cast<const char*>(first) + p * row_bytes);
       if (p + kPrefetchWords < words) {  // the row kPrefetchWords words on: strided reads the prefetcher misses
@@ -171,9 +175,7 @@ MOEPP_CPU_GEMM_TARGET void pack_columns(const char* weight, int64_t row_bytes, i
                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i high = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
                                           22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
-    const __mmask32 masks[2] = {
-        static_cast<__mmask32>(width >= 32 ? 0xffffffffu : (1u << std::max<int64_t>(width, 0)) - 1u),
-        static_cast<__mmask32>(width >= 64 ? 0xffffffffu : (1u << std::max<int64_t>(width - 32, 0)) - 1u)};
+    const __mmask32 masks[2] = {first_lanes(width, 32), first_lanes(width - 32, 32)};
     for (int64_t p = 0; p < words; ++p) {
       const char* even = reinterpret_cast<const char*>(first) + 2 * p * row_bytes;
       if (p + kPrefetchWords < words) {  // the rows kPrefetchWords words on: strided reads the prefetcher misses
@@ -284,7 +286,7 @@ MOEPP_CPU_GEMM_TARGET inline __m512 dot_step(__m512 acc, __m512i x, __m512i w) {
 template <typename T, typename Epilogue>
 MOEPP_CPU_GEMM_TARGET void direct_rows(const void* const* rows, int64_t m, const char* const* weight_rows,
                                        int64_t words, const Epilogue& epilogue) {
-  const __mmask16 tail = static_cast<__mmask16>((1u << (words % 16)) - 1u);
+  const __mmask16 tail = static_cast<__mmask16>(first_lanes(words % 16, 16));
   for (int64_t r = 0; r < m; ++r) {
     const char* x = static_cast<const char*>(rows[r]);
     alignas(64) float out[kPanel];
@@ -315,9 +317,30 @@ uint32_t* align64(uint32_t* p) {
   return reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
 
-// One packed panel per worker, 64-byte aligned (one cache line per word of K).
-std::vector<std::vector<uint32_t>> panel_buffers(int workers, int64_t words) {
-  return std::vector<std::vector<uint32_t>>(workers, std::vector<uint32_t>(words * kPanel + 16));
+// body(e, lo, m, p, panel) for every expert e with m > 0 rows (from row lo) and each of its
+// `panels` panels p, the panels split over the workers; panel: the worker's buffer for one packed
+// panel of `words` words, 64-byte aligned (one cache line per word of K).
+template <typename Body>
+void each_expert_panel(const int32_t* bounds, int64_t n_ffn, int64_t panels, int64_t words, int num_threads,
+                       const Body& body) {
+  const int workers = choose_workers(panels, num_threads, 1);
+  std::vector<std::vector<uint32_t>> buffers(workers, std::vector<uint32_t>(words * kPanel + 16));
+  for (int64_t e = 0; e < n_ffn; ++e) {
+    const int64_t lo = bounds[e], m = bounds[e + 1] - lo;
+    if (m == 0) continue;
+    parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
+      uint32_t* panel = align64(buffers[w].data());
+      for (int64_t p = begin; p < end; ++p) body(e, lo, m, p, panel);
+    });
+  }
+}
+
+// The first `count` rows of a row-major [count, width] tensor, one pointer each (the tiles' rows).
+template <typename T>
+std::vector<const void*> row_pointers(const T* rows, int64_t count, int64_t width) {
+  std::vector<const void*> out(static_cast<size_t>(count));
+  for (int64_t r = 0; r < count; ++r) out[r] = rows + r * width;
+  return out;
 }
 
 template <typename T>
@@ -331,68 +354,51 @@ void up_swiglu_typed(const TensorView& x, const int32_t* src, const int32_t* bou
     x_rows[r] = in_range(src[r], tokens * top_k) ? x.ptr<T>() + static_cast<int64_t>(src[r] / top_k) * dim
                                                  : zero_row.data();
   }
-  const int workers = choose_workers(panels, num_threads, 1);
-  auto buffers = panel_buffers(workers, words);
-  for (int64_t e = 0; e < n_ffn; ++e) {
-    const int64_t lo = bounds[e], m = bounds[e + 1] - lo;
-    if (m == 0) continue;
+  each_expert_panel(bounds, n_ffn, panels, words, num_threads, [&](int64_t e, int64_t lo, int64_t m, int64_t p,
+                                                                  uint32_t* panel) {
     const char* u_e = reinterpret_cast<const char*>(up.ptr<T>() + e * 2 * inner * dim);
-    parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
-      uint32_t* panel = align64(buffers[w].data());
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t column = p * kGatePanel;
-        const SwigluEpilogue<T> epilogue{a + lo * inner, h == nullptr ? nullptr : h + lo * 2 * inner, inner, column,
-                                         scale};
-        if (m <= kDirectRows) {
-          const char* weight_rows[kPanel];  // gate rows, then the matching up rows
-          for (int64_t c = 0; c < kPanel; ++c) {
-            weight_rows[c] = u_e + ((c < kGatePanel ? 0 : inner - kGatePanel) + column + c) * row_bytes;
-          }
-          direct_rows<T>(x_rows.data() + lo, m, weight_rows, words, epilogue);
-          continue;
-        }
-        for (int q = 0; q < 4; ++q) {  // gate rows, then the matching up rows, 16 at a time
-          const int64_t first = (q < 2 ? 0 : inner) + column + (q % 2) * 16;
-          pack_rows(u_e + first * row_bytes, row_bytes, 16, words, panel, q * 16);
-        }
-        panel_rows<T>(x_rows.data() + lo, m, panel, words, epilogue);
+    const int64_t column = p * kGatePanel;
+    const SwigluEpilogue<T> epilogue{a + lo * inner, h == nullptr ? nullptr : h + lo * 2 * inner, inner, column,
+                                     scale};
+    if (m <= kDirectRows) {
+      const char* weight_rows[kPanel];  // gate rows, then the matching up rows
+      for (int64_t c = 0; c < kPanel; ++c) {
+        weight_rows[c] = u_e + ((c < kGatePanel ? 0 : inner - kGatePanel) + column + c) * row_bytes;
       }
-    });
-  }
+      direct_rows<T>(x_rows.data() + lo, m, weight_rows, words, epilogue);
+      return;
+    }
+    for (int q = 0; q < 4; ++q) {  // gate rows, then the matching up rows, 16 at a time
+      const int64_t first = (q < 2 ? 0 : inner) + column + (q % 2) * 16;
+      pack_rows(u_e + first * row_bytes, row_bytes, 16, words, panel, q * 16);
+    }
+    panel_rows<T>(x_rows.data() + lo, m, panel, words, epilogue);
+  });
 }
 
 template <typename T>
 void down_typed(const T* a, const int32_t* bounds, int64_t n_ffn, const T* down, int64_t dim, int64_t inner, T* y,
                 int num_threads) {
   const int64_t words = inner / kPerWord<T>, panels = (dim + kPanel - 1) / kPanel, row_bytes = inner * sizeof(T);
-  std::vector<const void*> a_rows(static_cast<size_t>(bounds[n_ffn]));
-  for (int64_t r = 0; r < bounds[n_ffn]; ++r) a_rows[r] = a + r * inner;
-  const int workers = choose_workers(panels, num_threads, 1);
-  auto buffers = panel_buffers(workers, words);
-  for (int64_t e = 0; e < n_ffn; ++e) {
-    const int64_t lo = bounds[e], m = bounds[e + 1] - lo;
-    if (m == 0) continue;
+  const std::vector<const void*> a_rows = row_pointers(a, bounds[n_ffn], inner);
+  each_expert_panel(bounds, n_ffn, panels, words, num_threads, [&](int64_t e, int64_t lo, int64_t m, int64_t p,
+                                                                  uint32_t* panel) {
     const char* v_e = reinterpret_cast<const char*>(down + e * dim * inner);
-    parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
-      uint32_t* panel = align64(buffers[w].data());
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t column = p * kPanel;
-        const StoreEpilogue<T> epilogue{y + lo * dim, dim, column, std::min(kPanel, dim - column)};
-        if (m <= kDirectRows) {
-          const char* weight_rows[kPanel];  // V_e's rows column + c, null past D
-          for (int64_t c = 0; c < kPanel; ++c) weight_rows[c] = column + c < dim ? v_e + (column + c) * row_bytes : nullptr;
-          direct_rows<T>(a_rows.data() + lo, m, weight_rows, words, epilogue);
-          continue;
-        }
-        for (int q = 0; q < 4; ++q) {  // V_e's rows column + 16q ..., zeros past D
-          const int64_t first = column + 16 * q;
-          const int valid = static_cast<int>(std::min<int64_t>(16, std::max<int64_t>(0, dim - first)));
-          pack_rows(valid > 0 ? v_e + first * row_bytes : nullptr, row_bytes, valid, words, panel, 16 * q);
-        }
-        panel_rows<T>(a_rows.data() + lo, m, panel, words, epilogue);
-      }
-    });
-  }
+    const int64_t column = p * kPanel;
+    const StoreEpilogue<T> epilogue{y + lo * dim, dim, column, std::min(kPanel, dim - column)};
+    if (m <= kDirectRows) {
+      const char* weight_rows[kPanel];  // V_e's rows column + c, null past D
+      for (int64_t c = 0; c < kPanel; ++c) weight_rows[c] = column + c < dim ? v_e + (column + c) * row_bytes : nullptr;
+      direct_rows<T>(a_rows.data() + lo, m, weight_rows, words, epilogue);
+      return;
+    }
+    for (int q = 0; q < 4; ++q) {  // V_e's rows column + 16q ..., zeros past D
+      const int64_t first = column + 16 * q;
+      const int valid = static_cast<int>(std::min<int64_t>(16, std::max<int64_t>(0, dim - first)));
+      pack_rows(valid > 0 ? v_e + first * row_bytes : nullptr, row_bytes, valid, words, panel, 16 * q);
+    }
+    panel_rows<T>(a_rows.data() + lo, m, panel, words, epilogue);
+  });
 }
 
 // rows[r] · B_e for every expert's rows, B_e the [K, N] weight at weights + e * weight_elements
@@ -402,24 +408,42 @@ template <typename T, typename MakeEpilogue>
 void rows_by_columns(const T* rows, int64_t k, const int32_t* bounds, int64_t n_ffn, const T* weights, int64_t n,
                      int num_threads, const MakeEpilogue& make_epilogue) {
   const int64_t words = k / kPerWord<T>, panels = (n + kPanel - 1) / kPanel, row_bytes = n * sizeof(T);
-  std::vector<const void*> row_ptrs(static_cast<size_t>(bounds[n_ffn]));
-  for (int64_t r = 0; r < bounds[n_ffn]; ++r) row_ptrs[r] = rows + r * k;
-  const int workers = choose_workers(panels, num_threads, 1);
-  auto buffers = panel_buffers(workers, words);
-  for (int64_t e = 0; e < n_ffn; ++e) {
-    const int64_t lo = bounds[e], m = bounds[e + 1] - lo;
-    if (m == 0) continue;
-    const char* b_e = reinterpret_cast<const char*>(weights + e * k * n);
-    parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
-      uint32_t* panel = align64(buffers[w].data());
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t column = p * kPanel, width = std::min(kPanel, n - column);
-        pack_columns<T>(b_e, row_bytes, words, column, width, panel);
-        panel_rows<T>(row_ptrs.data() + lo, m, panel, words, make_epilogue(lo, column, width));
-      }
-    });
-  }
+  const std::vector<const void*> row_ptrs = row_pointers(rows, bounds[n_ffn], k);
+  each_expert_panel(bounds, n_ffn, panels, words, num_threads, [&](int64_t e, int64_t lo, int64_t m, int64_t p,
+                                                                  uint32_t* panel) {
+    const int64_t column = p * kPanel, width = std::min(kPanel, n - column);
+    pack_columns<T>(reinterpret_cast<const char*>(weights + e * k * n), row_bytes, words, column, width, panel);
+    panel_rows<T>(row_ptrs.data() + lo, m, panel, words, make_epilogue(lo, column, width));
+  });
 }
+
+template <typename T>
+void swiglu_grad_typed(const T* dy, const int32_t* bounds, int64_t n_ffn, const T* down, int64_t dim, int64_t inner,
+                       const T* h, T* dh, T* a, int num_threads) {
+  rows_by_columns<T>(dy, dim, bounds, n_ffn, down, inner, num_threads, [&](int64_t lo, int64_t column, int64_t width) {
+    return SwigluGradEpilogue<T>{h + lo * 2 * inner, dh + lo * 2 * inner, a + lo * inner, inner, column, width};
+  });
+}
+
+template <typename T>
+void up_grad_input_typed(const T* dh, const int32_t* bounds, int64_t n_ffn, const T* up, int64_t width, int64_t dim,
+                         T* dx, int num_threads) {
+  rows_by_columns<T>(dh, width, bounds, n_ffn, up, dim, num_threads, [&](int64_t lo, int64_t column, int64_t columns) {
+    return StoreEpilogue<T>{dx + lo * dim, dim, column, columns};
+  });
+}
+
+#else
+
+// Builds without the kernels never reach these: require_cpu_support throws first.
+template <typename T, typename... Args>
+void up_swiglu_typed(const Args&...) {}
+template <typename T, typename... Args>
+void down_typed(const Args&...) {}
+template <typename T, typename... Args>
+void swiglu_grad_typed(const Args&...) {}
+template <typename T, typename... Args>
+void up_grad_input_typed(const Args&...) {}
 
 #endif
 
@@ -466,14 +490,8 @@ void up_swiglu_cpu(const TensorView& x, const TensorView& row_src, const TensorV
     if (inner % kGatePanel != 0) throw_invalid("up", "needs ffn_size a multiple of 32");
     const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
     require_cpu_support("up_swiglu_cpu");
-#if MOEPP_HAS_CPU_GEMMS
     up_swiglu_typed<T>(x, row_src.ptr<int32_t>(), bounds, n_ffn, up, top_k, scale, a.ptr<T>(),
                        h ? h->ptr<T>() : nullptr, num_threads);
-#else
-    (void)bounds;
-    (void)scale;
-    (void)num_threads;
-#endif
   });
 }
 
@@ -490,12 +508,7 @@ void down_cpu(const TensorView& a, const TensorView& offsets, const TensorView& 
     if (inner % kPerWord<T> != 0) throw_invalid("a", "needs an even ffn_size in bf16");
     const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
     require_cpu_support("down_cpu");
-#if MOEPP_HAS_CPU_GEMMS
     down_typed<T>(a.ptr<T>(), bounds, n_ffn, down.ptr<T>(), dim, inner, y.ptr<T>(), num_threads);
-#else
-    (void)bounds;
-    (void)num_threads;
-#endif
   });
 }
 
@@ -514,19 +527,8 @@ void swiglu_grad_cpu(const TensorView& dy, const TensorView& offsets, const Tens
     if (dim % kPerWord<T> != 0) throw_invalid("dy", "needs an even hidden size in bf16");
     const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
     require_cpu_support("swiglu_grad_cpu");
-#if MOEPP_HAS_CPU_GEMMS
-    const T* h_data = h.ptr<T>();
-    T* dh_data = dh.ptr<T>();
-    T* a_data = a.ptr<T>();
-    rows_by_columns<T>(dy.ptr<T>(), dim, bounds, n_ffn, down.ptr<T>(), inner, num_threads,
-                       [&](int64_t lo, int64_t column, int64_t width) {
-                         return SwigluGradEpilogue<T>{h_data + lo * 2 * inner, dh_data + lo * 2 * inner,
-                                                      a_data + lo * inner, inner, column, width};
-                       });
-#else
-    (void)bounds;
-    (void)num_threads;
-#endif
+    swiglu_grad_typed<T>(dy.ptr<T>(), bounds, n_ffn, down.ptr<T>(), dim, inner, h.ptr<T>(), dh.ptr<T>(), a.ptr<T>(),
+                         num_threads);
   });
 }
 
@@ -543,16 +545,7 @@ void up_grad_input_cpu(const TensorView& dh, const TensorView& offsets, const Te
     if (width % kPerWord<T> != 0) throw_invalid("dh", "needs an even width in bf16");
     const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
     require_cpu_support("up_grad_input_cpu");
-#if MOEPP_HAS_CPU_GEMMS
-    T* dx_data = dx.ptr<T>();
-    rows_by_columns<T>(dh.ptr<T>(), width, bounds, n_ffn, up.ptr<T>(), dim, num_threads,
-                       [&](int64_t lo, int64_t column, int64_t columns) {
-                         return StoreEpilogue<T>{dx_data + lo * dim, dim, column, columns};
-                       });
-#else
-    (void)bounds;
-    (void)num_threads;
-#endif
+    up_grad_input_typed<T>(dh.ptr<T>(), bounds, n_ffn, up.ptr<T>(), width, dim, dx.ptr<T>(), num_threads);
   });
 }
 

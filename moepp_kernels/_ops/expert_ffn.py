@@ -157,6 +157,16 @@ def _windowed_grad_a(dy_all: Tensor, down_e: Tensor, lo: int, hi: int, valid_row
     return out[lo - start:hi - start]
 
 
+def _weight_grads(up: Tensor, down: Tensor, ex: _ExpertRows) -> Tuple[Tensor, Tensor]:
+    """Buffers for d up and d down, zero for the experts without rows (the others are written
+    per expert)."""
+    grad_up, grad_down = new_buffer(up, up.shape), new_buffer(down, down.shape)
+    for e in sorted(set(range(up.shape[0])) - set(ex.experts)):
+        grad_up[e].zero_()
+        grad_down[e].zero_()
+    return grad_up, grad_down
+
+
 def _cpu_gemms_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
                         slot_row: Tensor, offsets: Tensor, top_k: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     """The torch backend's backward through the CPU's own kernels (where uses_cpu_gemms): dh and a
@@ -169,10 +179,7 @@ def _cpu_gemms_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: 
     dh, a, dxg = new_buffer(h, h.shape), new_buffer(x, (rows, inner)), new_buffer(x, (rows, dim))
     _C.swiglu_grad_cpu(view(grad_y), view(offsets), view(down), view(h), view(dh), view(a), threads)
     _C.up_grad_input_cpu(view(dh), view(offsets), view(up), view(dxg), threads)
-    grad_up, grad_down = new_buffer(up, up.shape), new_buffer(down, down.shape)
-    for e in sorted(set(range(up.shape[0])) - set(ex.experts)):
-        grad_up[e].zero_()
-        grad_down[e].zero_()
+    grad_up, grad_down = _weight_grads(up, down, ex)
     for dy, a_e, dh_e, src, count, xg, grad_up_e, grad_down_e in zip(
             ex.rows_of(grad_y), ex.rows_of(a), ex.rows_of(dh), ex.rows_of(row_src), ex.counts,
             ex.first_rows(x.new_empty((ex.widest, dim))), ex.weights(grad_up), ex.weights(grad_down)):
@@ -192,12 +199,9 @@ def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tens
     ex = _ExpertRows(offsets)
     inner = down.shape[2]
     windowed = _windowed_rows(grad_y, down, ex.rows)
-    grad_up, grad_down = new_buffer(up, up.shape), new_buffer(down, down.shape)
+    grad_up, grad_down = _weight_grads(up, down, ex)
     dxg = new_buffer(x, (row_src.shape[0], x.shape[1]))
     da_buf = x.new_empty((max(ex.widest, _FEW_ROWS) if windowed else ex.widest, inner))
-    for e in sorted(set(range(up.shape[0])) - set(ex.experts)):
-        grad_up[e].zero_()
-        grad_down[e].zero_()
     for (lo, hi), count, dy, he, down_e, da, a, dh, src, xg, up_e, dxg_e, grad_up_e, grad_down_e in zip(
             ex.bounds, ex.counts, ex.rows_of(grad_y), ex.rows_of(h), ex.weights(down), ex.first_rows(da_buf),
             ex.first_rows(x.new_empty((ex.widest, inner))), ex.first_rows(x.new_empty((ex.widest, 2 * inner))),
