@@ -14,7 +14,7 @@ from conftest import DTYPES, HAS_GPU, step
 from moepp_kernels import _C, MoEPPConfig, MoEPPLayer, _cpu_matmul, build_plan, fused_router, grouped_gemm
 from moepp_kernels import reference as R
 from moepp_kernels._ops.combine import layout_scalars
-from moepp_kernels._ops.expert_ffn import uses_cpu_gemms
+from moepp_kernels._ops.expert_ffn import uses_cpu_gemms, uses_weight_grad_kernel
 from moepp_kernels._tensors import view
 
 # (preset, tokens, devices it runs on): 0.6B at T = 4096 everywhere, 7B at T = 16384 on a GPU.
@@ -81,7 +81,8 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     the CPUs where the others' torch.mm runs MKL's AVX2 kernels, torch.mm otherwise), and where
     the layer runs its own CPU kernels (csrc/moe/expert_gemms_cpu.h) through those: the forward's
     two GEMMs with GEMM 1's SwiGLU epilogue, the backward's dA with its SwiGLU backward epilogue
-    and dX, each over every expert, the weight gradients per expert.
+    and dX, each over every expert, and the weight gradients per expert or, where the layer takes
+    them from its own kernel too (expert_ffn.uses_weight_grad_kernel), through that.
 
     They run in the order autograd allows any of them: every forward GEMM before any backward one
     (the upstream gradient needs the whole forward), then the experts' backward in reverse, as
@@ -101,13 +102,15 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     act = x.new_empty(rows, i)
     dx, dup, ddown, dh = torch.empty_like(xg), torch.empty_like(up), torch.empty_like(down), torch.empty_like(h)
     gate_forward, gate_backward = gate_gemms(layer, x)
-    own_gemms = uses_cpu_gemms(x, up, down)  # the CPU's own kernels, run on xg's rows as they are
+    # the CPU's own kernels where the layer runs them, on xg's rows as they are
+    own_forward, own_backward = uses_cpu_gemms(x, up, down), uses_cpu_gemms(x, up, down, backward=True)
+    own_weight_grads = own_backward and uses_weight_grad_kernel(x)
     offsets = torch.tensor(bounds, dtype=torch.int32)
     up_operands = (xg, torch.arange(rows, dtype=torch.int32), offsets, up)
 
     def run():
         gate_forward()
-        if own_gemms:
+        if own_forward:
             threads = torch.get_num_threads()
             _C.up_swiglu_cpu(*map(view, up_operands), 1, 1.0, view(act), view(h) if backward else None,
                              threads)  # h kept only for a backward, as the layer does
@@ -118,13 +121,17 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
                 _cpu_matmul.mm(act[lo:hi], down[e].t(), out=y[lo:hi])
         if not backward:
             return
-        if own_gemms:  # y stands in for dy (same shape); the weight gradients per expert, as the layer runs them
+        if own_backward:  # y stands in for dy (same shape)
             threads = torch.get_num_threads()
             _C.swiglu_grad_cpu(view(y), view(offsets), view(down), view(h), view(dh), view(act), threads)
             _C.up_grad_input_cpu(view(dh), view(offsets), view(up), view(dx), threads)
-            for e, lo, hi in experts:
-                _cpu_matmul.mm(y[lo:hi].t(), act[lo:hi], out=ddown[e])
-                _cpu_matmul.mm(dh[lo:hi].t(), xg[lo:hi], out=dup[e])
+            if own_weight_grads:
+                _C.weight_grad_cpu(view(y), view(act), None, view(offsets), 1, 1.0, view(ddown), threads)
+                _C.weight_grad_cpu(view(dh), view(xg), None, view(offsets), 1, 1.0, view(dup), threads)
+            else:
+                for e, lo, hi in experts:
+                    _cpu_matmul.mm(y[lo:hi].t(), act[lo:hi], out=ddown[e])
+                    _cpu_matmul.mm(dh[lo:hi].t(), xg[lo:hi], out=dup[e])
         else:
             for e, lo, hi in reversed(experts):  # y, act and h stand in for dy, da and dh (same shapes)
                 _cpu_matmul.mm(y[lo:hi], down[e], out=act[lo:hi])

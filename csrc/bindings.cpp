@@ -193,6 +193,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("swiglu_backward", &moe::swiglu_backward, py::arg("h"), py::arg("da"), py::arg("offsets"), py::arg("dh"),
         py::arg("a"), py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("expert_gemms_cpu_supported", &moe::expert_gemms_cpu_supported);
+  m.def("expert_gemms_cpu_bf16_pairs", &moe::expert_gemms_cpu_bf16_pairs);
+  m.def("set_expert_gemms_cpu_bf16_pairs", &moe::set_expert_gemms_cpu_bf16_pairs, py::arg("enabled"));
   m.def("up_swiglu_cpu", &moe::up_swiglu_cpu, py::arg("x"), py::arg("row_src"), py::arg("offsets"), py::arg("up"),
         py::arg("top_k"), py::arg("scale"), py::arg("a"), py::arg("h"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
@@ -202,6 +204,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dh"), py::arg("a"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def("up_grad_input_cpu", &moe::up_grad_input_cpu, py::arg("dh"), py::arg("offsets"), py::arg("up"),
         py::arg("dx"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("weight_grad_cpu", &moe::weight_grad_cpu, py::arg("lhs"), py::arg("rhs"), py::arg("rhs_src"),
+        py::arg("offsets"), py::arg("top_k"), py::arg("scale"), py::arg("out"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("row_sum", &moe::row_sum, py::arg("src"), py::arg("slot_row"), py::arg("scale"), py::arg("out"),
         py::arg("num_threads"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 

@@ -3,7 +3,8 @@ up_swiglu_cpu's h against the fp64 product of the scaled gathered rows and its a
 swiglu_forward computes it from that h, down_cpu's y against the fp64 product, both through the
 packed tiles and the unpacked path of experts of at most 2 rows, the layer through them against
 the per-expert route, and clear errors for bad input (checked before the CPU's: run everywhere).
-The kernels' tests are skipped on CPUs without AVX512-BF16."""
+bf16 runs both ways: as pairs through vdpbf16ps (skipped on CPUs without AVX512-BF16) and widened
+to fp32. The kernels' tests are skipped on CPUs without AVX-512."""
 
 import pytest
 import torch
@@ -13,8 +14,22 @@ from moepp_kernels import _C, MoEPPConfig, MoEPPLayer, _cpu_matmul, build_plan
 from moepp_kernels._ops import expert_ffn
 from moepp_kernels._tensors import view
 
-needs_cpu_gemms = pytest.mark.skipif(not _C.expert_gemms_cpu_supported(), reason="needs a CPU with AVX512-BF16")
-DTYPES = [torch.bfloat16, torch.float32]
+needs_cpu_gemms = pytest.mark.skipif(not _C.expert_gemms_cpu_supported(), reason="needs a CPU with AVX-512")
+HAS_BF16_PAIRS = _C.expert_gemms_cpu_bf16_pairs()  # the default wherever the CPU has AVX512-BF16
+
+
+@pytest.fixture(params=[
+    pytest.param((torch.bfloat16, True), id="bf16-pairs",
+                 marks=pytest.mark.skipif(not HAS_BF16_PAIRS, reason="needs a CPU with AVX512-BF16")),
+    pytest.param((torch.bfloat16, False), id="bf16-widened"),
+    pytest.param((torch.float32, HAS_BF16_PAIRS), id="fp32"),
+])
+def dtype(request):
+    """The kernels' dtype, bf16 as pairs (vdpbf16ps) or widened to fp32; the default restored after."""
+    dtype, pairs = request.param
+    _C.set_expert_gemms_cpu_bf16_pairs(pairs)
+    yield dtype
+    _C.set_expert_gemms_cpu_bf16_pairs(HAS_BF16_PAIRS)
 
 
 def up_swiglu(x, up, row_src, offsets, top_k, scale, keep_h=True):
@@ -72,7 +87,6 @@ CASES = [(0, 64, 32, 4, 2, 1.0), (1, 2, 32, 3, 1, 1.0), (37, 64, 32, 4, 2, 2.0),
 
 
 @needs_cpu_gemms
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, dim, inner, n_ffn, top_k, scale", CASES)
 @pytest.mark.parametrize("keep_h", [True, False])
 def test_up_swiglu_matches_the_product_and_swiglu(dtype, tokens, dim, inner, n_ffn, top_k, scale, keep_h):
@@ -98,7 +112,6 @@ DOWN_CASES = [(0, 64, 32, 4, 2), (1, 70, 40, 3, 1), (37, 100, 42, 4, 2), (50, 64
 
 
 @needs_cpu_gemms
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, dim, inner, n_ffn, top_k", DOWN_CASES)
 def test_down_matches_the_product(dtype, tokens, dim, inner, n_ffn, top_k):
     g = torch.Generator().manual_seed(tokens + dim)
@@ -132,7 +145,6 @@ GRAD_CASES = [(0, 64, 32, 4, 2), (1, 64, 32, 3, 1), (37, 70, 96, 4, 2), (50, 128
 
 
 @needs_cpu_gemms
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, dim, inner, n_ffn, top_k", GRAD_CASES)
 def test_swiglu_grad_and_up_grad_input_match_the_products(dtype, tokens, dim, inner, n_ffn, top_k):
     g = torch.Generator().manual_seed(tokens + dim + 1)
@@ -161,8 +173,65 @@ def test_swiglu_grad_and_up_grad_input_match_the_products(dtype, tokens, dim, in
     assert torch.isnan(dx[valid:].float()).all()
 
 
+def weight_grad(lhs, rhs, offsets, n_ffn, rhs_src=None, top_k=1, scale=1.0):
+    out = torch.full((n_ffn, lhs.shape[1], rhs.shape[1]), float("nan"), dtype=lhs.dtype)
+    _C.weight_grad_cpu(view(lhs), view(rhs), None if rhs_src is None else view(rhs_src), view(offsets), top_k,
+                       scale, view(out), 2)
+    return out
+
+
+def expected_weight_grad(lhs, rhs_rows, offsets, scale):
+    """scale * lhs_eᵀ · rhs_e in fp64 per expert, zero for experts without rows."""
+    out = torch.zeros(offsets.shape[0] - 1, lhs.shape[1], rhs_rows.shape[1], dtype=torch.float64)
+    for e in range(out.shape[0]):
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        out[e] = scale * lhs[lo:hi].double().t() @ rhs_rows[lo:hi].double()
+    return out
+
+
+# (tokens, n1, n2, n_ffn, k, scale): T = 0 (every expert empty: zeros); T = 1 (experts of one
+# row); n1 70 (the transpose's 16-column tail) and n2 100 (a panel of 36 columns); experts of
+# about 360 rows (K in two chunks of 256 rows); scale 2 and 1.5
+WEIGHT_GRAD_CASES = [(0, 64, 64, 4, 2, 1.0), (1, 64, 70, 3, 1, 1.0), (37, 70, 100, 4, 2, 2.0),
+                     (300, 96, 128, 3, 6, 1.5)]
+
+
 @needs_cpu_gemms
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, n1, n2, n_ffn, top_k, scale", WEIGHT_GRAD_CASES)
+def test_weight_grad_matches_the_products(dtype, tokens, n1, n2, n_ffn, top_k, scale):
+    g = torch.Generator().manual_seed(tokens + n1 + 2)
+    plan = random_plan(tokens, n_ffn, top_k, g)
+    rows, offsets = tokens * top_k, plan.offsets
+    lhs = (0.1 * torch.randn(rows, n1, generator=g)).to(dtype)
+    x = torch.randn(tokens, n2, generator=g).to(dtype)  # through row_src: d U's x
+    got = weight_grad(lhs, x, offsets, n_ffn, plan.row_src, top_k, scale)
+    x_rows = torch.zeros(rows, n2, dtype=dtype)
+    valid = offsets[-1].item()
+    x_rows[:valid] = x[plan.row_src[:valid].long() // top_k]
+    assert_close(got.double(), expected_weight_grad(lhs, x_rows, offsets, scale), dtype, "through row_src")
+    a = torch.randn(rows, n2, generator=g).to(dtype)  # rows as they are: d V's a
+    assert_close(weight_grad(lhs, a, offsets, n_ffn).double(), expected_weight_grad(lhs, a, offsets, 1.0), dtype,
+                 "rows as they are")
+
+
+@needs_cpu_gemms
+def test_weight_grad_all_rows_to_one_expert_and_slots_naming_no_token(dtype):
+    # expert 1 gets all 601 rows (K in chunks of 256 rows, the last of 89), experts 0 and 2 none
+    # (zeros); slots -1 and T * k name no token: zero rows of x
+    g = torch.Generator().manual_seed(11)
+    rows, tokens = 601, 400
+    lhs, x = (0.1 * torch.randn(rows, 48, generator=g)).to(dtype), torch.randn(tokens, 80, generator=g).to(dtype)
+    row_src = torch.randint(0, tokens, (rows,), generator=g, dtype=torch.int32)
+    row_src[[5, 300]] = torch.tensor([-1, tokens], dtype=torch.int32)
+    offsets = torch.tensor([0, 0, rows, rows], dtype=torch.int32)
+    x_rows = x[row_src.long().clamp(0, tokens - 1)]
+    x_rows[[5, 300]] = 0
+    got = weight_grad(lhs, x, offsets, 3, row_src)
+    assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[2], torch.zeros_like(got[2]))
+    assert_close(got.double(), expected_weight_grad(lhs, x_rows, offsets, 1.0), dtype, "grad")
+
+
+@needs_cpu_gemms
 def test_swiglu_grad_epilogue_is_swiglu_backward_bit_for_bit(dtype):
     # V_e = identity (D = I): da = dy exactly, so dh and a must be swiglu_backward's to the bit
     g = torch.Generator().manual_seed(7)
@@ -175,7 +244,6 @@ def test_swiglu_grad_epilogue_is_swiglu_backward_bit_for_bit(dtype):
 
 
 @needs_cpu_gemms
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_and_unpacked_experts_agree_with_the_product(dtype):
     # experts of 1, 2 (unpacked), 3 and 7 rows (packed tiles, one with a tail), and an empty one
     g = torch.Generator().manual_seed(5)
@@ -191,7 +259,6 @@ def test_packed_and_unpacked_experts_agree_with_the_product(dtype):
 
 
 @needs_cpu_gemms
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [3, 10])  # experts of 1 row (unpacked) and of 6 and 4 rows (packed)
 def test_empty_experts_all_rows_to_one_and_slots_naming_no_token(dtype, tokens):
     # experts 0 and 2 get no rows, expert 1 all; slot -1 and slot T * k name no token: zero rows
@@ -207,7 +274,6 @@ def test_empty_experts_all_rows_to_one_and_slots_naming_no_token(dtype, tokens):
 
 
 @needs_cpu_gemms
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_past_the_plan_are_not_written(dtype):
     x, up = torch.randn(4, 64).to(dtype), torch.randn(2, 64, 64).to(dtype)
     row_src = torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.int32)
@@ -217,21 +283,24 @@ def test_rows_past_the_plan_are_not_written(dtype):
 
 
 @needs_cpu_gemms
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["longcat", "0.6b"])
-def test_layer_matches_the_per_expert_route(monkeypatch, dtype, name):
+@pytest.mark.parametrize("onednn_fp32", [True, False])
+def test_layer_matches_the_per_expert_route(monkeypatch, dtype, name, onednn_fp32):
     """The layer, forward and backward, through the CPU's own kernels and through a product per
-    expert (fp32 runs them where fp32 products go through oneDNN: forced here)."""
+    expert; fp32's backward runs them only where fp32 products go through oneDNN (both forced
+    here), bf16 widened takes the weight gradients from weight_grad_cpu too."""
     cfg = (MoEPPConfig.longcat(hidden_size=64, ffn_size=32, n_ffn=16, n_identity=8, top_k=6) if name == "longcat"
            else MoEPPConfig.moepp_0_6b().with_(hidden_size=64, ffn_size=96))
     torch.manual_seed(0)
     layer = MoEPPLayer(cfg, has_residual=False, dtype=dtype)
     x = torch.randn(100, 64).to(dtype)
-    monkeypatch.setattr(_cpu_matmul, "ONEDNN_FP32", True)
+    monkeypatch.setattr(_cpu_matmul, "ONEDNN_FP32", onednn_fp32)
     results = []
     for own in (True, False):
         monkeypatch.setattr(expert_ffn, "CPU_GEMMS", own)
         assert expert_ffn.uses_cpu_gemms(x, layer.up, layer.down) == own
+        assert expert_ffn.uses_cpu_gemms(x, layer.up, layer.down, backward=True) == (
+            own and (dtype == torch.bfloat16 or onednn_fp32))
         xi = x.clone().requires_grad_()
         out, _ = layer(xi)
         out.float().square().sum().backward()
@@ -239,6 +308,16 @@ def test_layer_matches_the_per_expert_route(monkeypatch, dtype, name):
         layer.zero_grad(set_to_none=True)
     for got, want, what in zip(results[0], results[1], ("out", "grad x", "grad up", "grad down")):
         assert_norm_close(got, want, dtype, what)
+
+
+def test_bf16_pairs_only_where_the_cpu_has_them():
+    if HAS_BF16_PAIRS:
+        _C.set_expert_gemms_cpu_bf16_pairs(True)
+        assert _C.expert_gemms_cpu_bf16_pairs()
+    else:
+        with pytest.raises(ValueError, match="enabled"):
+            _C.set_expert_gemms_cpu_bf16_pairs(True)
+        assert not _C.expert_gemms_cpu_bf16_pairs()
 
 
 def good_args():
@@ -333,3 +412,32 @@ def test_up_grad_input_bad_input_names_the_argument(change, name):
     change(args)
     with pytest.raises(ValueError, match=name):
         _C.up_grad_input_cpu(view(args["dh"]), view(args["offsets"]), view(args["up"]), view(args["dx"]), 1)
+
+
+def good_weight_grad_args():
+    return dict(lhs=torch.randn(4, 64).bfloat16(), rhs=torch.randn(3, 32).bfloat16(),
+                rhs_src=torch.tensor([0, 1, 4, 5], dtype=torch.int32),
+                offsets=torch.tensor([0, 2, 4], dtype=torch.int32), out=torch.empty(2, 64, 32).bfloat16())
+
+
+@pytest.mark.parametrize("change, name", [
+    (lambda t: t.update(lhs=t["lhs"].half()), "lhs"),  # dtype neither bf16 nor fp32
+    (lambda t: t.update(rhs=t["rhs"].float()), "rhs"),  # dtypes differ
+    (lambda t: t.update(out=t["out"].float()), "out"),
+    (lambda t: t.update(rhs_src=t["rhs_src"].long()), "rhs_src"),  # not int32
+    (lambda t: t.update(rhs_src=t["rhs_src"][:3]), "rhs_src"),  # not one per row
+    (lambda t: t.update(rhs_src=None), "rhs"),  # without rhs_src rhs needs a row per lhs row
+    (lambda t: t.update(out=torch.empty(2, 64, 31).bfloat16()), "out"),  # n2 differs from rhs's
+    (lambda t: t.update(lhs=torch.randn(64, 4).bfloat16().t()), "lhs"),  # not contiguous
+    (lambda t: t.update(offsets=torch.tensor([0, 5, 4], dtype=torch.int32)), "offsets"),  # past the rows
+    (lambda t: t.update(offsets=torch.tensor([0, 4], dtype=torch.int32)), "offsets"),  # not one per expert
+    (lambda t: t.update(top_k=0), "top_k"),
+    (lambda t: t.update(out=torch.empty(2, 64).bfloat16()), "out"),  # wrong rank
+])
+def test_weight_grad_bad_input_names_the_argument(change, name):
+    args = dict(good_weight_grad_args(), top_k=2)
+    change(args)
+    src = args["rhs_src"]
+    with pytest.raises(ValueError, match=name):
+        _C.weight_grad_cpu(view(args["lhs"]), view(args["rhs"]), None if src is None else view(src),
+                           view(args["offsets"]), args["top_k"], 1.0, view(args["out"]), 1)

@@ -1,5 +1,6 @@
 #include "expert_gemms_cpu.h"
 
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
@@ -11,6 +12,10 @@
 #include "indices.h"
 
 // GCC 10 and clang 9 know AVX512-BF16; older compilers and other CPUs build without the kernels.
+// Every kernel function is compiled for AVX-512 with AVX512-BF16, whose one instruction used here
+// (vdpbf16ps) only the bf16 pairs' tiles and dot steps issue (the compilers emit none of its
+// instructions unasked: the conversions to bf16 are integer code), so the rest runs on any AVX-512
+// CPU.
 #if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || \
                             (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10))
 #define MOEPP_HAS_CPU_GEMMS 1
@@ -40,15 +45,39 @@ const int32_t* checked_bounds(const TensorView& offsets, int64_t n_ffn, int64_t 
   return bounds;
 }
 
+bool cpu_has_bf16_pairs();  // AVX512-BF16's vdpbf16ps
+
 void require_cpu_support(const char* op) {
   if (!expert_gemms_cpu_supported()) {
-    throw std::runtime_error(std::string(op) + ": this CPU or build has no AVX-512 with AVX512-BF16");
+    throw std::runtime_error(std::string(op) + ": this CPU or build has no AVX-512 (F, BW, VL, DQ)");
   }
 }
 
 // The kernels work in 32-bit words along K: a bf16 pair (elements 2p, 2p + 1) or one fp32 element.
+// The tiles' word type C is T's own, or fp32 for bf16 operands widened on a CPU without the
+// pairs' dot product (then the rows run as an fp32 copy, the weights' panels are packed as fp32
+// and only the epilogues see bf16).
 template <typename T>
 constexpr int64_t kPerWord = 4 / static_cast<int64_t>(sizeof(T));
+
+template <typename C>
+struct Compute {
+  using type = C;
+};
+
+std::atomic<bool>& bf16_pairs_setting() {
+  static std::atomic<bool> setting{cpu_has_bf16_pairs()};
+  return setting;
+}
+
+// f(Compute<C>{}) with the tiles' word type for storage type T.
+template <typename T, typename F>
+void with_compute(const F& f) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (!bf16_pairs_setting().load(std::memory_order_relaxed)) return f(Compute<float>{});
+  }
+  f(Compute<T>{});
+}
 
 #if MOEPP_HAS_CPU_GEMMS
 
@@ -60,6 +89,28 @@ inline uint32_t load_word(const void* row, int64_t p) {
   uint32_t v;
   std::memcpy(&v, static_cast<const char*>(row) + 4 * p, 4);
   return v;
+}
+
+// Word p of a row stored in T as the tiles' word type C reads it (a bf16 element widened to fp32
+// where C is fp32 and T bf16).
+template <typename T, typename C>
+inline uint32_t load_word(const void* row, int64_t p) {
+  if constexpr (std::is_same_v<T, C>) {
+    return load_word(row, p);
+  } else {
+    return static_cast<uint32_t>(static_cast<const BFloat16*>(row)[p].bits) << 16;
+  }
+}
+
+// Words [p, p + 16) of such a row, the lanes outside `mask` zero.
+template <typename T, typename C>
+MOEPP_CPU_GEMM_TARGET inline __m512i load_words16(const void* row, int64_t p, __mmask16 mask = 0xffff) {
+  if constexpr (std::is_same_v<T, C>) {
+    return _mm512_maskz_loadu_epi32(mask, static_cast<const char*>(row) + 4 * p);
+  } else {
+    const __m256i bits = _mm256_maskz_loadu_epi16(mask, static_cast<const BFloat16*>(row) + p);
+    return _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+  }
 }
 
 // A mask of the first n of `lanes` (at most 32) lanes, none for n <= 0.
@@ -92,21 +143,25 @@ MOEPP_CPU_GEMM_TARGET inline void transpose16(__m512i r[16]) {
   }
 }
 
-// The dot-product layout of 16 consecutive weight rows (`row_bytes` apart, `words` each):
-// panel[p * 64 + column + i] = word p of row i, zero for the rows i >= valid (past the weight).
+// The dot-product layout of 16 consecutive weight rows (`row_bytes` apart, `words` words of C
+// each): panel[p * 64 + column + i] = word p of row i, zero for the rows i >= valid (past the
+// weight).
+template <typename T, typename C>
 MOEPP_CPU_GEMM_TARGET void pack_rows(const char* first, int64_t row_bytes, int valid, int64_t words,
                                      uint32_t* panel, int64_t column) {
   int64_t p = 0;
   if (valid == 16) {
     for (; p + 16 <= words; p += 16) {
       __m512i r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(first + i * row_bytes + 4 * p);
+      for (int i = 0; i < 16; ++i) r[i] = load_words16<T, C>(first + i * row_bytes, p);
       transpose16(r);
       for (int j = 0; j < 16; ++j) _mm512_storeu_si512(panel + (p + j) * kPanel + column, r[j]);
     }
   }
   for (; p < words; ++p) {
-    for (int i = 0; i < 16; ++i) panel[p * kPanel + column + i] = i < valid ? load_word(first + i * row_bytes, p) : 0u;
+    for (int i = 0; i < 16; ++i) {
+      panel[p * kPanel + column + i] = i < valid ? load_word<T, C>(first + i * row_bytes, p) : 0u;
+    }
   }
 }
 
@@ -145,28 +200,37 @@ struct StoreEpilogue {
   }
 };
 
-// The dot-product layout of columns [column, column + width) of a row-major [K, N] weight
-// (`row_bytes` apart, `words` words of K): panel[p * 64 + c] = word p of column + c (in bf16 the
-// pair of rows 2p and 2p + 1), zero for c >= width.
+// The dot-product layout of columns [column, column + width) of K rows (row(i): row i's first
+// element, null for a zero row): panel[p * 64 + c] = word p of column + c (in bf16 pairs the pair
+// of rows 2p and 2p + 1, the second a zero row past K), zero for c >= width.
 constexpr int64_t kPrefetchWords = 8;
 
-template <typename T>
-MOEPP_CPU_GEMM_TARGET void pack_columns(const char* weight, int64_t row_bytes, int64_t words, int64_t column,
-                                        int64_t width, uint32_t* panel) {
-  const T* first = reinterpret_cast<const T*>(weight) + column;
-  if constexpr (std::is_same_v<T, float>) {
+template <typename T, typename C, typename RowOf>
+MOEPP_CPU_GEMM_TARGET void pack_columns(const RowOf& row_of, int64_t k, int64_t column, int64_t width,
+                                        uint32_t* panel) {
+  const int64_t words = (k + kPerWord<C> - 1) / kPerWord<C>;
+  const auto row = [&](int64_t i) -> const T* {
+    const T* first = i < k ? row_of(i) : nullptr;
+    return first == nullptr ? nullptr : first + column;
+  };
+  const auto prefetch = [&](int64_t i) {  // rows ahead: strided reads the hardware prefetcher misses
+    if (const T* ahead = row(i)) {
+      for (int line = 0; line < static_cast<int>(sizeof(T)); ++line) {  // 64 columns: sizeof(T) lines
+        _mm_prefetch(reinterpret_cast<const char*>(ahead) + 64 * line, _MM_HINT_T0);
+      }
+    }
+  };
+  if constexpr (std::is_same_v<C, float>) {  // a row of K per word (fp32, or bf16 widened)
     const __mmask16 masks[4] = {static_cast<__mmask16>(first_lanes(width, 16)),
                                 static_cast<__mmask16>(first_lanes(width - 16, 16)),
                                 static_cast<__mmask16>(first_lanes(width - 32, 16)),
                                 static_cast<__mmask16>(first_lanes(width - 48, 16))};
     for (int64_t p = 0; p < words; ++p) {
-      const float* row = reinterpret_cast<const float*>(reinterpret_cast<const char*>(first) + p * row_bytes);
-      if (p + kPrefetchWords < words) {  // the row kPrefetchWords words on: strided reads the prefetcher misses
-        const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchWords * row_bytes;
-        for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-      }
+      prefetch(p + kPrefetchWords);
+      const T* r = row(p);
       for (int j = 0; j < 4; ++j) {
-        _mm512_store_ps(reinterpret_cast<float*>(panel + p * kPanel + 16 * j), _mm512_maskz_loadu_ps(masks[j], row + 16 * j));
+        _mm512_store_si512(panel + p * kPanel + 16 * j,
+                           r == nullptr ? _mm512_setzero_si512() : load_words16<T, C>(r, 16 * j, masks[j]));
       }
     }
   } else {
@@ -177,14 +241,13 @@ MOEPP_CPU_GEMM_TARGET void pack_columns(const char* weight, int64_t row_bytes, i
                                           22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
     const __mmask32 masks[2] = {first_lanes(width, 32), first_lanes(width - 32, 32)};
     for (int64_t p = 0; p < words; ++p) {
-      const char* even = reinterpret_cast<const char*>(first) + 2 * p * row_bytes;
-      if (p + kPrefetchWords < words) {  // the rows kPrefetchWords words on: strided reads the prefetcher misses
-        const char* ahead = even + 2 * kPrefetchWords * row_bytes;
-        for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + (line / 2) * row_bytes + 64 * (line % 2), _MM_HINT_T0);
-      }
+      prefetch(2 * (p + kPrefetchWords));
+      prefetch(2 * (p + kPrefetchWords) + 1);
+      const T* even = row(2 * p);
+      const T* odd = row(2 * p + 1);
       for (int half = 0; half < 2; ++half) {
-        const __m512i r0 = _mm512_maskz_loadu_epi16(masks[half], even + 64 * half);
-        const __m512i r1 = _mm512_maskz_loadu_epi16(masks[half], even + row_bytes + 64 * half);
+        const __m512i r0 = even == nullptr ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(masks[half], even + 32 * half);
+        const __m512i r1 = odd == nullptr ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(masks[half], odd + 32 * half);
         _mm512_store_si512(panel + p * kPanel + 32 * half, _mm512_permutex2var_epi16(r0, low, r1));
         _mm512_store_si512(panel + p * kPanel + 32 * half + 16, _mm512_permutex2var_epi16(r0, high, r1));
       }
@@ -216,8 +279,9 @@ struct SwigluGradEpilogue {
   }
 };
 
-// R rows (first: their index among the expert's rows) against one packed panel of `words` words.
-template <typename T, int R, typename Epilogue>
+// R rows (first: their index among the expert's rows) against one packed panel of `words` words,
+// both in the word type C.
+template <typename C, int R, typename Epilogue>
 MOEPP_CPU_GEMM_TARGET void tile(const void* const* rows, const uint32_t* panel, int64_t words,
                                 const Epilogue& epilogue, int64_t first) {
   __m512 acc[R][4];
@@ -230,7 +294,7 @@ MOEPP_CPU_GEMM_TARGET void tile(const void* const* rows, const uint32_t* panel, 
     const __m512i u2 = _mm512_loadu_si512(w + 32), u3 = _mm512_loadu_si512(w + 48);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<C, float>) {
         const __m512 x = _mm512_set1_ps(static_cast<const float*>(rows[r])[p]);
         acc[r][0] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(u0), acc[r][0]);
         acc[r][1] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(u1), acc[r][1]);
@@ -253,17 +317,17 @@ MOEPP_CPU_GEMM_TARGET void tile(const void* const* rows, const uint32_t* panel, 
 }
 
 // Rows [0, m) of one expert against one packed panel, kRowsPerTile at a time.
-template <typename T, typename Epilogue>
+template <typename C, typename Epilogue>
 MOEPP_CPU_GEMM_TARGET void panel_rows(const void* const* rows, int64_t m, const uint32_t* panel, int64_t words,
                                       const Epilogue& epilogue) {
   int64_t r = 0;
-  for (; r + kRowsPerTile <= m; r += kRowsPerTile) tile<T, kRowsPerTile>(rows + r, panel, words, epilogue, r);
+  for (; r + kRowsPerTile <= m; r += kRowsPerTile) tile<C, kRowsPerTile>(rows + r, panel, words, epilogue, r);
   switch (m - r) {
-    case 1: tile<T, 1>(rows + r, panel, words, epilogue, r); break;
-    case 2: tile<T, 2>(rows + r, panel, words, epilogue, r); break;
-    case 3: tile<T, 3>(rows + r, panel, words, epilogue, r); break;
-    case 4: tile<T, 4>(rows + r, panel, words, epilogue, r); break;
-    case 5: tile<T, 5>(rows + r, panel, words, epilogue, r); break;
+    case 1: tile<C, 1>(rows + r, panel, words, epilogue, r); break;
+    case 2: tile<C, 2>(rows + r, panel, words, epilogue, r); break;
+    case 3: tile<C, 3>(rows + r, panel, words, epilogue, r); break;
+    case 4: tile<C, 4>(rows + r, panel, words, epilogue, r); break;
+    case 5: tile<C, 5>(rows + r, panel, words, epilogue, r); break;
     default: break;
   }
 }
@@ -274,16 +338,17 @@ MOEPP_CPU_GEMM_TARGET void panel_rows(const void* const* rows, int64_t m, const 
 constexpr int64_t kDirectRows = 2;
 
 // acc + the products of x's and w's words, lane by lane.
-template <typename T>
+template <typename C>
 MOEPP_CPU_GEMM_TARGET inline __m512 dot_step(__m512 acc, __m512i x, __m512i w) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<C, float>) {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
   } else {
     return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
   }
 }
 
-template <typename T, typename Epilogue>
+// rows: words of C; weight_rows: stored in T.
+template <typename T, typename C, typename Epilogue>
 MOEPP_CPU_GEMM_TARGET void direct_rows(const void* const* rows, int64_t m, const char* const* weight_rows,
                                        int64_t words, const Epilogue& epilogue) {
   const __mmask16 tail = static_cast<__mmask16>(first_lanes(words % 16, 16));
@@ -296,14 +361,16 @@ MOEPP_CPU_GEMM_TARGET void direct_rows(const void* const* rows, int64_t m, const
       for (; p + 16 <= words; p += 16) {
         const __m512i xv = _mm512_loadu_si512(x + 4 * p);
         for (int j = 0; j < 4; ++j) {
-          if (weight_rows[c + j] != nullptr) acc[j] = dot_step<T>(acc[j], xv, _mm512_loadu_si512(weight_rows[c + j] + 4 * p));
+          if (weight_rows[c + j] != nullptr) {
+            acc[j] = dot_step<C>(acc[j], xv, load_words16<T, C>(weight_rows[c + j], p));
+          }
         }
       }
       if (p < words) {
         const __m512i xv = _mm512_maskz_loadu_epi32(tail, x + 4 * p);
         for (int j = 0; j < 4; ++j) {
           if (weight_rows[c + j] != nullptr) {
-            acc[j] = dot_step<T>(acc[j], xv, _mm512_maskz_loadu_epi32(tail, weight_rows[c + j] + 4 * p));
+            acc[j] = dot_step<C>(acc[j], xv, load_words16<T, C>(weight_rows[c + j], p, tail));
           }
         }
       }
@@ -343,15 +410,42 @@ std::vector<const void*> row_pointers(const T* rows, int64_t count, int64_t widt
   return out;
 }
 
-template <typename T>
+// bf16 rows [begin, end) of [count, width] as fp32 rows.
+MOEPP_CPU_GEMM_TARGET void widen_rows(const BFloat16* rows, int64_t begin, int64_t end, int64_t width, float* out) {
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t i = 0; i < width; i += 16) {
+      const __mmask16 mask = static_cast<__mmask16>(first_lanes(width - i, 16));
+      _mm512_mask_storeu_epi32(out + r * width + i, mask, load_words16<BFloat16, float>(rows + r * width, i, mask));
+    }
+  }
+}
+
+// Rows [count, width] as the tiles read them (words of C): where they are, or, for fp32 tiles
+// of bf16 rows, widened into `copy`.
+template <typename T, typename C>
+const void* compute_rows(const T* rows, int64_t count, int64_t width, std::vector<float>& copy, int num_threads) {
+  if constexpr (std::is_same_v<T, C>) {
+    return rows;
+  } else {
+    copy.resize(static_cast<size_t>(count * width));
+    parallel_for(count, choose_workers(count * width, num_threads, 1 << 16), [&](int, int64_t begin, int64_t end) {
+      widen_rows(rows, begin, end, width, copy.data());
+    });
+    return copy.data();
+  }
+}
+
+template <typename T, typename C>
 void up_swiglu_typed(const TensorView& x, const int32_t* src, const int32_t* bounds, int64_t n_ffn,
                      const TensorView& up, int top_k, float scale, T* a, T* h, int num_threads) {
   const int64_t tokens = x.shape[0], dim = x.shape[1], inner = up.shape[1] / 2;
-  const int64_t words = dim / kPerWord<T>, panels = inner / kGatePanel, row_bytes = dim * sizeof(T);
-  const std::vector<T> zero_row(static_cast<size_t>(dim), T{0});
+  const int64_t words = dim / kPerWord<C>, panels = inner / kGatePanel, row_bytes = dim * sizeof(T);
+  std::vector<float> widened;
+  const C* x_words = static_cast<const C*>(compute_rows<T, C>(x.ptr<T>(), tokens, dim, widened, num_threads));
+  const std::vector<C> zero_row(static_cast<size_t>(dim), C{0});
   std::vector<const void*> x_rows(static_cast<size_t>(bounds[n_ffn]));
   for (int64_t r = 0; r < bounds[n_ffn]; ++r) {
-    x_rows[r] = in_range(src[r], tokens * top_k) ? x.ptr<T>() + static_cast<int64_t>(src[r] / top_k) * dim
+    x_rows[r] = in_range(src[r], tokens * top_k) ? x_words + static_cast<int64_t>(src[r] / top_k) * dim
                                                  : zero_row.data();
   }
   each_expert_panel(bounds, n_ffn, panels, words, num_threads, [&](int64_t e, int64_t lo, int64_t m, int64_t p,
@@ -365,22 +459,24 @@ void up_swiglu_typed(const TensorView& x, const int32_t* src, const int32_t* bou
       for (int64_t c = 0; c < kPanel; ++c) {
         weight_rows[c] = u_e + ((c < kGatePanel ? 0 : inner - kGatePanel) + column + c) * row_bytes;
       }
-      direct_rows<T>(x_rows.data() + lo, m, weight_rows, words, epilogue);
+      direct_rows<T, C>(x_rows.data() + lo, m, weight_rows, words, epilogue);
       return;
     }
     for (int q = 0; q < 4; ++q) {  // gate rows, then the matching up rows, 16 at a time
       const int64_t first = (q < 2 ? 0 : inner) + column + (q % 2) * 16;
-      pack_rows(u_e + first * row_bytes, row_bytes, 16, words, panel, q * 16);
+      pack_rows<T, C>(u_e + first * row_bytes, row_bytes, 16, words, panel, q * 16);
     }
-    panel_rows<T>(x_rows.data() + lo, m, panel, words, epilogue);
+    panel_rows<C>(x_rows.data() + lo, m, panel, words, epilogue);
   });
 }
 
-template <typename T>
+template <typename T, typename C>
 void down_typed(const T* a, const int32_t* bounds, int64_t n_ffn, const T* down, int64_t dim, int64_t inner, T* y,
                 int num_threads) {
-  const int64_t words = inner / kPerWord<T>, panels = (dim + kPanel - 1) / kPanel, row_bytes = inner * sizeof(T);
-  const std::vector<const void*> a_rows = row_pointers(a, bounds[n_ffn], inner);
+  const int64_t words = inner / kPerWord<C>, panels = (dim + kPanel - 1) / kPanel, row_bytes = inner * sizeof(T);
+  std::vector<float> widened;
+  const C* a_words = static_cast<const C*>(compute_rows<T, C>(a, bounds[n_ffn], inner, widened, num_threads));
+  const std::vector<const void*> a_rows = row_pointers(a_words, bounds[n_ffn], inner);
   each_expert_panel(bounds, n_ffn, panels, words, num_threads, [&](int64_t e, int64_t lo, int64_t m, int64_t p,
                                                                   uint32_t* panel) {
     const char* v_e = reinterpret_cast<const char*>(down + e * dim * inner);
@@ -389,61 +485,174 @@ void down_typed(const T* a, const int32_t* bounds, int64_t n_ffn, const T* down,
     if (m <= kDirectRows) {
       const char* weight_rows[kPanel];  // V_e's rows column + c, null past D
       for (int64_t c = 0; c < kPanel; ++c) weight_rows[c] = column + c < dim ? v_e + (column + c) * row_bytes : nullptr;
-      direct_rows<T>(a_rows.data() + lo, m, weight_rows, words, epilogue);
+      direct_rows<T, C>(a_rows.data() + lo, m, weight_rows, words, epilogue);
       return;
     }
     for (int q = 0; q < 4; ++q) {  // V_e's rows column + 16q ..., zeros past D
       const int64_t first = column + 16 * q;
       const int valid = static_cast<int>(std::min<int64_t>(16, std::max<int64_t>(0, dim - first)));
-      pack_rows(valid > 0 ? v_e + first * row_bytes : nullptr, row_bytes, valid, words, panel, 16 * q);
+      pack_rows<T, C>(valid > 0 ? v_e + first * row_bytes : nullptr, row_bytes, valid, words, panel, 16 * q);
     }
-    panel_rows<T>(a_rows.data() + lo, m, panel, words, epilogue);
+    panel_rows<C>(a_rows.data() + lo, m, panel, words, epilogue);
   });
 }
 
 // rows[r] · B_e for every expert's rows, B_e the [K, N] weight at weights + e * weight_elements
 // (N-contiguous), panels of 64 columns of N, each row's outputs to make_epilogue(lo, column,
 // width).
-template <typename T, typename MakeEpilogue>
+template <typename T, typename C, typename MakeEpilogue>
 void rows_by_columns(const T* rows, int64_t k, const int32_t* bounds, int64_t n_ffn, const T* weights, int64_t n,
                      int num_threads, const MakeEpilogue& make_epilogue) {
-  const int64_t words = k / kPerWord<T>, panels = (n + kPanel - 1) / kPanel, row_bytes = n * sizeof(T);
-  const std::vector<const void*> row_ptrs = row_pointers(rows, bounds[n_ffn], k);
+  const int64_t words = k / kPerWord<C>, panels = (n + kPanel - 1) / kPanel;
+  std::vector<float> widened;
+  const C* row_words = static_cast<const C*>(compute_rows<T, C>(rows, bounds[n_ffn], k, widened, num_threads));
+  const std::vector<const void*> row_ptrs = row_pointers(row_words, bounds[n_ffn], k);
   each_expert_panel(bounds, n_ffn, panels, words, num_threads, [&](int64_t e, int64_t lo, int64_t m, int64_t p,
                                                                   uint32_t* panel) {
     const int64_t column = p * kPanel, width = std::min(kPanel, n - column);
-    pack_columns<T>(reinterpret_cast<const char*>(weights + e * k * n), row_bytes, words, column, width, panel);
-    panel_rows<T>(row_ptrs.data() + lo, m, panel, words, make_epilogue(lo, column, width));
+    const T* b_e = weights + e * k * n;
+    pack_columns<T, C>([&](int64_t i) { return b_e + i * n; }, k, column, width, panel);
+    panel_rows<C>(row_ptrs.data() + lo, m, panel, words, make_epilogue(lo, column, width));
   });
 }
 
-template <typename T>
+template <typename T, typename C>
 void swiglu_grad_typed(const T* dy, const int32_t* bounds, int64_t n_ffn, const T* down, int64_t dim, int64_t inner,
                        const T* h, T* dh, T* a, int num_threads) {
-  rows_by_columns<T>(dy, dim, bounds, n_ffn, down, inner, num_threads, [&](int64_t lo, int64_t column, int64_t width) {
+  rows_by_columns<T, C>(dy, dim, bounds, n_ffn, down, inner, num_threads, [&](int64_t lo, int64_t column,
+                                                                              int64_t width) {
     return SwigluGradEpilogue<T>{h + lo * 2 * inner, dh + lo * 2 * inner, a + lo * inner, inner, column, width};
   });
 }
 
-template <typename T>
+template <typename T, typename C>
 void up_grad_input_typed(const T* dh, const int32_t* bounds, int64_t n_ffn, const T* up, int64_t width, int64_t dim,
                          T* dx, int num_threads) {
-  rows_by_columns<T>(dh, width, bounds, n_ffn, up, dim, num_threads, [&](int64_t lo, int64_t column, int64_t columns) {
+  rows_by_columns<T, C>(dh, width, bounds, n_ffn, up, dim, num_threads, [&](int64_t lo, int64_t column,
+                                                                           int64_t columns) {
     return StoreEpilogue<T>{dx + lo * dim, dim, column, columns};
   });
+}
+
+// weight_grad's epilogue, one output row of a panel: the sums over K's chunks so far kept in
+// fp32 (`sums`: the worker's [rows, 64]), the last chunk's total scaled and rounded to T.
+template <typename T>
+struct WeightGradEpilogue {
+  float* sums;
+  T* out;  // the expert's [n1, n2] gradient
+  int64_t n2, column, width;
+  float scale;
+  bool first, last;  // the chunk of K
+
+  MOEPP_CPU_GEMM_TARGET void operator()(int64_t r, const float* chunk) const {
+    float* sum = sums + r * kPanel;
+    if (!last) {
+      for (int i = 0; i < kPanel; ++i) sum[i] = first ? chunk[i] : sum[i] + chunk[i];
+      return;
+    }
+    T* out_row = out + r * n2 + column;
+    for (int64_t i = 0; i < width; ++i) out_row[i] = from_float<T>(scale * (first ? chunk[i] : sum[i] + chunk[i]));
+  }
+};
+
+// The transpose of `m` rows [m, n1] (`stride` elements apart) as fp32 rows: out[n * m + p] =
+// row p's element n, for the columns [n_begin, n_end).
+template <typename T>
+MOEPP_CPU_GEMM_TARGET void transpose_columns(const T* rows, int64_t stride, int64_t m, int64_t n_begin,
+                                             int64_t n_end, float* out) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
+    const int valid = static_cast<int>(std::min<int64_t>(16, n_end - n0));
+    const __mmask16 columns = static_cast<__mmask16>(first_lanes(valid, 16));
+    for (int64_t p0 = 0; p0 < m; p0 += 16) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) {
+        r[j] = p0 + j < m ? load_words16<T, float>(rows + (p0 + j) * stride, n0, columns) : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      const __mmask16 tail = static_cast<__mmask16>(first_lanes(m - p0, 16));
+      for (int i = 0; i < valid; ++i) _mm512_mask_storeu_epi32(out + (n0 + i) * m + p0, tail, r[i]);
+    }
+  }
+}
+
+// An expert's rows (K of the weight gradient) in chunks of at most kGradRows: each chunk's panel
+// (64 columns) stays in L2 while every output row runs over it.
+constexpr int64_t kGradRows = 256;
+
+// out[e] = scale * lhs_eᵀ · rhs_e for every expert, in fp32 FMAs (bf16 widened): lhs [R, n1] (its
+// rows r of expert e), rhs_row(r) the first of n2 elements of row r of rhs (null: a zero row);
+// out [n_ffn, n1, n2], zero for an expert without rows. The tiles' rows are lhs_e's columns,
+// transposed per expert.
+template <typename T, typename RhsRow>
+void weight_grad_typed(const T* lhs, int64_t n1, const int32_t* bounds, int64_t n_ffn, int64_t n2,
+                       const RhsRow& rhs_row, float scale, T* out, int num_threads) {
+  int64_t widest = 0;
+  for (int64_t e = 0; e < n_ffn; ++e) widest = std::max<int64_t>(widest, bounds[e + 1] - bounds[e]);
+  const int64_t panels = (n2 + kPanel - 1) / kPanel;
+  const int workers = choose_workers(panels, num_threads, 1);
+  std::vector<float> lhs_t(static_cast<size_t>(n1 * widest));
+  struct Worker {
+    std::vector<uint32_t> panel;
+    std::vector<float> sums;
+    std::vector<const void*> rows;
+  };
+  std::vector<Worker> state(workers);
+  for (Worker& w : state) {
+    w.panel.resize(static_cast<size_t>(std::min(widest, kGradRows) * kPanel + 16));
+    w.sums.resize(static_cast<size_t>(n1 * kPanel));
+    w.rows.resize(static_cast<size_t>(n1));
+  }
+  for (int64_t e = 0; e < n_ffn; ++e) {
+    const int64_t lo = bounds[e], m = bounds[e + 1] - lo;
+    T* out_e = out + e * n1 * n2;
+    if (m == 0) {
+      std::memset(static_cast<void*>(out_e), 0, static_cast<size_t>(n1 * n2) * sizeof(T));
+      continue;
+    }
+    parallel_for(n1, choose_workers(n1, num_threads, 64), [&](int, int64_t begin, int64_t end) {
+      transpose_columns(lhs + lo * n1, n1, m, begin, end, lhs_t.data());
+    });
+    parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
+      Worker& mine = state[w];
+      uint32_t* panel = align64(mine.panel.data());
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t column = p * kPanel, width = std::min(kPanel, n2 - column);
+        for (int64_t k0 = 0; k0 < m; k0 += kGradRows) {
+          const int64_t chunk = std::min(kGradRows, m - k0);
+          pack_columns<T, float>([&](int64_t i) { return rhs_row(lo + k0 + i); }, chunk, column, width, panel);
+          for (int64_t n = 0; n < n1; ++n) mine.rows[n] = lhs_t.data() + n * m + k0;
+          const WeightGradEpilogue<T> epilogue{mine.sums.data(), out_e, n2, column, width, scale, k0 == 0,
+                                               k0 + chunk >= m};
+          panel_rows<float>(mine.rows.data(), n1, panel, chunk, epilogue);
+        }
+      }
+    });
+  }
+}
+
+bool cpu_has_bf16_pairs() {
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+    return ((eax >> 5) & 1u) != 0;  // CPUID.(EAX=7, ECX=1):EAX[5], AVX512_BF16
+  }();
+  return has;
 }
 
 #else
 
 // Builds without the kernels never reach these: require_cpu_support throws first.
-template <typename T, typename... Args>
+bool cpu_has_bf16_pairs() { return false; }
+template <typename T, typename C, typename... Args>
 void up_swiglu_typed(const Args&...) {}
-template <typename T, typename... Args>
+template <typename T, typename C, typename... Args>
 void down_typed(const Args&...) {}
-template <typename T, typename... Args>
+template <typename T, typename C, typename... Args>
 void swiglu_grad_typed(const Args&...) {}
-template <typename T, typename... Args>
+template <typename T, typename C, typename... Args>
 void up_grad_input_typed(const Args&...) {}
+template <typename T, typename... Args>
+void weight_grad_typed(const Args&...) {}
 
 #endif
 
@@ -458,9 +667,7 @@ bool expert_gemms_cpu_supported() {
         !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
       return false;
     }
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
-    return ((eax >> 5) & 1u) != 0;  // CPUID.(EAX=7, ECX=1):EAX[5], AVX512_BF16
+    return true;
   }();
   return supported;
 }
@@ -470,6 +677,17 @@ bool expert_gemms_cpu_supported() {
 bool expert_gemms_cpu_supported() { return false; }
 
 #endif
+
+bool expert_gemms_cpu_bf16_pairs() {
+  return expert_gemms_cpu_supported() && bf16_pairs_setting().load(std::memory_order_relaxed);
+}
+
+void set_expert_gemms_cpu_bf16_pairs(bool enabled) {
+  if (enabled && !(expert_gemms_cpu_supported() && cpu_has_bf16_pairs())) {
+    throw_invalid("enabled", "this CPU or build has no AVX512-BF16");
+  }
+  bf16_pairs_setting().store(enabled, std::memory_order_relaxed);
+}
 
 void up_swiglu_cpu(const TensorView& x, const TensorView& row_src, const TensorView& offsets, const TensorView& up,
                    int top_k, float scale, const TensorView& a, const std::optional<TensorView>& h, int num_threads) {
@@ -490,8 +708,10 @@ void up_swiglu_cpu(const TensorView& x, const TensorView& row_src, const TensorV
     if (inner % kGatePanel != 0) throw_invalid("up", "needs ffn_size a multiple of 32");
     const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
     require_cpu_support("up_swiglu_cpu");
-    up_swiglu_typed<T>(x, row_src.ptr<int32_t>(), bounds, n_ffn, up, top_k, scale, a.ptr<T>(),
-                       h ? h->ptr<T>() : nullptr, num_threads);
+    with_compute<T>([&](auto compute) {
+      up_swiglu_typed<T, typename decltype(compute)::type>(x, row_src.ptr<int32_t>(), bounds, n_ffn, up, top_k, scale,
+                                                           a.ptr<T>(), h ? h->ptr<T>() : nullptr, num_threads);
+    });
   });
 }
 
@@ -508,7 +728,10 @@ void down_cpu(const TensorView& a, const TensorView& offsets, const TensorView& 
     if (inner % kPerWord<T> != 0) throw_invalid("a", "needs an even ffn_size in bf16");
     const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
     require_cpu_support("down_cpu");
-    down_typed<T>(a.ptr<T>(), bounds, n_ffn, down.ptr<T>(), dim, inner, y.ptr<T>(), num_threads);
+    with_compute<T>([&](auto compute) {
+      down_typed<T, typename decltype(compute)::type>(a.ptr<T>(), bounds, n_ffn, down.ptr<T>(), dim, inner,
+                                                      y.ptr<T>(), num_threads);
+    });
   });
 }
 
@@ -527,8 +750,10 @@ void swiglu_grad_cpu(const TensorView& dy, const TensorView& offsets, const Tens
     if (dim % kPerWord<T> != 0) throw_invalid("dy", "needs an even hidden size in bf16");
     const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
     require_cpu_support("swiglu_grad_cpu");
-    swiglu_grad_typed<T>(dy.ptr<T>(), bounds, n_ffn, down.ptr<T>(), dim, inner, h.ptr<T>(), dh.ptr<T>(), a.ptr<T>(),
-                         num_threads);
+    with_compute<T>([&](auto compute) {
+      swiglu_grad_typed<T, typename decltype(compute)::type>(dy.ptr<T>(), bounds, n_ffn, down.ptr<T>(), dim, inner,
+                                                             h.ptr<T>(), dh.ptr<T>(), a.ptr<T>(), num_threads);
+    });
   });
 }
 
@@ -545,7 +770,43 @@ void up_grad_input_cpu(const TensorView& dh, const TensorView& offsets, const Te
     if (width % kPerWord<T> != 0) throw_invalid("dh", "needs an even width in bf16");
     const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
     require_cpu_support("up_grad_input_cpu");
-    up_grad_input_typed<T>(dh.ptr<T>(), bounds, n_ffn, up.ptr<T>(), width, dim, dx.ptr<T>(), num_threads);
+    with_compute<T>([&](auto compute) {
+      up_grad_input_typed<T, typename decltype(compute)::type>(dh.ptr<T>(), bounds, n_ffn, up.ptr<T>(), width, dim,
+                                                               dx.ptr<T>(), num_threads);
+    });
+  });
+}
+
+void weight_grad_cpu(const TensorView& lhs, const TensorView& rhs, const std::optional<TensorView>& rhs_src,
+                     const TensorView& offsets, int top_k, float scale, const TensorView& out, int num_threads) {
+  if (lhs.ndim != 2) throw_invalid("lhs", "expected shape [rows, n1]");
+  if (rhs.ndim != 2) throw_invalid("rhs", "expected shape [rows (tokens with rhs_src), n2]");
+  if (out.ndim != 3) throw_invalid("out", "expected shape [n_ffn, n1, n2]");
+  if (top_k < 1) throw_invalid("top_k", "must be >= 1");
+  const int64_t rows = lhs.shape[0], n1 = lhs.shape[1], rhs_rows = rhs.shape[0], n2 = rhs.shape[1];
+  const int64_t n_ffn = out.shape[0];
+  const DeviceType cpu = DeviceType::kCPU;
+  MOEPP_DISPATCH(lhs.dtype, "lhs", (float, BFloat16), T, {
+    check_view(lhs, "lhs", DTypeOf<T>::value, {rows, n1}, cpu, -1);
+    check_view(rhs, "rhs", DTypeOf<T>::value, {rhs_src ? rhs_rows : rows, n2}, cpu, -1);
+    if (rhs_src) check_view(*rhs_src, "rhs_src", DType::kInt32, {rows}, cpu, -1);
+    check_view(out, "out", DTypeOf<T>::value, {n_ffn, n1, n2}, cpu, -1);
+    const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
+    require_cpu_support("weight_grad_cpu");
+    const T* rhs_rows_first = rhs.ptr<T>();
+    const int32_t* src = rhs_src ? rhs_src->ptr<int32_t>() : nullptr;
+    const int64_t slots = rhs_rows * top_k;
+    if (src == nullptr) {
+      weight_grad_typed<T>(lhs.ptr<T>(), n1, bounds, n_ffn, n2,
+                           [&](int64_t r) -> const T* { return rhs_rows_first + r * n2; }, scale, out.ptr<T>(),
+                           num_threads);
+    } else {  // row r: the token of slot src[r], a zero row for a slot naming none
+      weight_grad_typed<T>(lhs.ptr<T>(), n1, bounds, n_ffn, n2,
+                           [&](int64_t r) -> const T* {
+                             return in_range(src[r], slots) ? rhs_rows_first + (src[r] / top_k) * n2 : nullptr;
+                           },
+                           scale, out.ptr<T>(), num_threads);
+    }
   });
 }
 

@@ -19,12 +19,12 @@ expert-sized buffers reused from expert to expert, so only y, h (when kept),
 the row gradients and the weight gradients span all rows, and on the CPU those
 come from the host block cache (moepp_kernels.host_cache) when large. That
 spares the page faults of fresh temporaries, which cost as much as the
-pointwise kernels themselves. On a CPU with AVX512-BF16 it runs kernels of our
-own over every expert instead (csrc/moe/expert_gemms_cpu.h), in bf16 and, where
-fp32 products go through oneDNN, in fp32: the forward's gather, GEMM 1 and SwiGLU
-in one pass (x*k applied to the fp32 product) into an all-rows SwiGLU output,
-then GEMM 2; the backward's dA with the SwiGLU backward as its epilogue, and dX;
-only the weight gradients stay per-expert products.
+pointwise kernels themselves. On an AVX-512 CPU it runs kernels of our own over
+every expert instead (csrc/moe/expert_gemms_cpu.h; uses_cpu_gemms says where):
+the forward's gather, GEMM 1 and SwiGLU in one pass (x*k applied to the fp32
+product) into an all-rows SwiGLU output, then GEMM 2; the backward's dA with the
+SwiGLU backward as its epilogue, and dX; the weight gradients too in bf16 on CPUs
+without AVX512-BF16 (uses_weight_grad_kernel), else per-expert products.
 """
 
 from typing import Optional, Tuple
@@ -88,21 +88,34 @@ class _ExpertRows:
 CPU_GEMMS = _C.expert_gemms_cpu_supported()
 
 
-def uses_cpu_gemms(x: Tensor, up: Tensor, down: Tensor) -> bool:
+def uses_cpu_gemms(x: Tensor, up: Tensor, down: Tensor, backward: bool = False) -> bool:
     """Whether the torch backend runs the CPU's own kernels over every expert instead of a product
-    per expert: in the forward gather, GEMM 1 and SwiGLU in one and GEMM 2 in the other, in the
-    backward dA with the SwiGLU backward in one and dX in the other (the weight gradients stay per
-    expert). CPU tensors of one dtype, I a multiple of 32, on a CPU with AVX512-BF16; bf16 with D
-    even, or fp32 where fp32 products go through oneDNN (_cpu_matmul.ONEDNN_FP32: the non-Intel
-    CPUs, where they were measured). The forward op at LongCat-Flash's layout (64 experts, D 1024,
-    I 512, T 2048; 2 threads, Zen 4) took 131 ms in fp32 and 72 ms in bf16 through them, 145 and
-    76 ms through oneDNN's per-expert GEMMs with the gather and SwiGLU passes around them."""
+    per expert: in the forward (backward False) gather, GEMM 1 and SwiGLU in one and GEMM 2 in
+    the other; in the backward dA with the SwiGLU backward in one and dX in the other (the weight
+    gradients: uses_weight_grad_kernel). CPU tensors of one dtype, I a multiple of 32, on an
+    AVX-512 CPU; bf16 with D even; fp32 in the forward, and in the backward where fp32 products go
+    through oneDNN (_cpu_matmul.ONEDNN_FP32: non-Intel CPUs), since MKL's on Intel's equal them
+    there. Measured (2 threads), the forward op at LongCat-Flash's layout (64 experts, D 1024,
+    I 512, T 2048) took on Zen 4 131 ms in fp32 and 72 ms in bf16 through them, 145 and 76 ms
+    through oneDNN's per-expert GEMMs with the gather and SwiGLU passes around them; on a Xeon
+    whose AVX-512 has no BF16 (torch's bf16 products there run at a quarter of its fp32 speed)
+    the whole layer's forward and backward took 430 ms in bf16 through them, 1564 ms through
+    torch's products."""
     if not (CPU_GEMMS and x.device.type == "cpu" and up.dtype == x.dtype and down.dtype == x.dtype
             and up.shape[1] % 64 == 0):
         return False
     if x.dtype == torch.bfloat16:
         return x.shape[1] % 2 == 0
-    return x.dtype == torch.float32 and _cpu_matmul.ONEDNN_FP32
+    return x.dtype == torch.float32 and (not backward or _cpu_matmul.ONEDNN_FP32)
+
+
+def uses_weight_grad_kernel(x: Tensor) -> bool:
+    """Whether a backward through the own kernels also takes the weight gradients from one
+    (weight_grad_cpu, fp32 FMAs over every expert): bf16 on a CPU without AVX512-BF16, where
+    torch's bf16 products have no native instructions (at LongCat-Flash's layout d V and d U
+    took 33 and 61 ms through it, 147 and 293 ms as torch's per-expert products). Elsewhere
+    torch's products (MKL, oneDNN with AVX512-BF16) are at least as fast."""
+    return x.dtype == torch.bfloat16 and not _C.expert_gemms_cpu_bf16_pairs()
 
 
 def _torch_forward(x: Tensor, up: Tensor, down: Tensor, row_src: Tensor, offsets: Tensor, top_k: int, scale: float,
@@ -169,22 +182,28 @@ def _weight_grads(up: Tensor, down: Tensor, ex: _ExpertRows) -> Tuple[Tensor, Te
 
 def _cpu_gemms_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
                         slot_row: Tensor, offsets: Tensor, top_k: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """The torch backend's backward through the CPU's own kernels (where uses_cpu_gemms): dh and a
-    in one call over every expert (da = dy·V_e with the SwiGLU backward as its epilogue), the
-    slot rows' dx in another (dh·U_e), then the weight gradients per expert with torch's
-    products, each expert's rows of x gathered into a buffer reused from expert to expert."""
+    """The torch backend's backward through the CPU's own kernels (where uses_cpu_gemms), each over
+    every expert: dh and a (da = dy·V_e with the SwiGLU backward as its epilogue) and the slot
+    rows' dx (dh·U_e); then d V (dyᵀ·a) and d U (scale * dhᵀ·x, x's rows read through row_src)
+    in one more each where uses_weight_grad_kernel, else per expert with torch's products, each
+    expert's rows of x gathered into a buffer reused from expert to expert."""
     threads = torch.get_num_threads()
-    ex = _ExpertRows(offsets)
     rows, dim, inner = row_src.shape[0], x.shape[1], down.shape[2]
     dh, a, dxg = new_buffer(h, h.shape), new_buffer(x, (rows, inner)), new_buffer(x, (rows, dim))
     _C.swiglu_grad_cpu(view(grad_y), view(offsets), view(down), view(h), view(dh), view(a), threads)
     _C.up_grad_input_cpu(view(dh), view(offsets), view(up), view(dxg), threads)
-    grad_up, grad_down = _weight_grads(up, down, ex)
-    for dy, a_e, dh_e, src, count, xg, grad_up_e, grad_down_e in zip(
-            ex.rows_of(grad_y), ex.rows_of(a), ex.rows_of(dh), ex.rows_of(row_src), ex.counts,
-            ex.first_rows(x.new_empty((ex.widest, dim))), ex.weights(grad_up), ex.weights(grad_down)):
-        _cpu_matmul.mm(dy.t(), a_e, out=grad_down_e)
-        _cpu_matmul.mm(dh_e.t(), _gather(x, src, count, top_k, scale, out=xg), out=grad_up_e)
+    if uses_weight_grad_kernel(x):
+        grad_up, grad_down = new_buffer(up, up.shape), new_buffer(down, down.shape)
+        _C.weight_grad_cpu(view(grad_y), view(a), None, view(offsets), 1, 1.0, view(grad_down), threads)
+        _C.weight_grad_cpu(view(dh), view(x), view(row_src), view(offsets), top_k, scale, view(grad_up), threads)
+    else:
+        ex = _ExpertRows(offsets)
+        grad_up, grad_down = _weight_grads(up, down, ex)
+        for dy, a_e, dh_e, src, count, xg, grad_up_e, grad_down_e in zip(
+                ex.rows_of(grad_y), ex.rows_of(a), ex.rows_of(dh), ex.rows_of(row_src), ex.counts,
+                ex.first_rows(x.new_empty((ex.widest, dim))), ex.weights(grad_up), ex.weights(grad_down)):
+            _cpu_matmul.mm(dy.t(), a_e, out=grad_down_e)
+            _cpu_matmul.mm(dh_e.t(), _gather(x, src, count, top_k, scale, out=xg), out=grad_up_e)
     grad_x = new_buffer(x, x.shape)
     _C.row_sum(view(dxg), view(slot_row), scale, view(grad_x), threads, 0)
     return grad_x, grad_up, grad_down
@@ -193,7 +212,7 @@ def _cpu_gemms_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: 
 def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
                     slot_row: Tensor, offsets: Tensor, top_k: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     """The torch backend's backward, one expert at a time (or _cpu_gemms_backward)."""
-    if uses_cpu_gemms(x, up, down):
+    if uses_cpu_gemms(x, up, down, backward=True):
         return _cpu_gemms_backward(grad_y, x, up, down, h, row_src, slot_row, offsets, top_k, scale)
     threads, stream = torch.get_num_threads(), stream_handle(x.device)
     ex = _ExpertRows(offsets)
