@@ -103,14 +103,14 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
     dx, dup, ddown, dh = torch.empty_like(xg), torch.empty_like(up), torch.empty_like(down), torch.empty_like(h)
     gate_forward, gate_backward = gate_gemms(layer, x)
     # the CPU's own kernels where the layer runs them, on xg's rows as they are
-    own_forward, own_backward = uses_cpu_gemms(x, up, down), uses_cpu_gemms(x, up, down, backward=True)
-    own_weight_grads = own_backward and uses_weight_grad_kernel(x)
+    own_gemms = uses_cpu_gemms(x, up, down)
+    own_weight_grads = own_gemms and uses_weight_grad_kernel(x)
     offsets = torch.tensor(bounds, dtype=torch.int32)
     up_operands = (xg, torch.arange(rows, dtype=torch.int32), offsets, up)
 
     def run():
         gate_forward()
-        if own_forward:
+        if own_gemms:
             threads = torch.get_num_threads()
             _C.up_swiglu_cpu(*map(view, up_operands), 1, 1.0, view(act), view(h) if backward else None,
                              threads)  # h kept only for a backward, as the layer does
@@ -121,7 +121,7 @@ def expert_gemms(layer: MoEPPLayer, x: torch.Tensor, prev: torch.Tensor, backwar
                 _cpu_matmul.mm(act[lo:hi], down[e].t(), out=y[lo:hi])
         if not backward:
             return
-        if own_backward:  # y stands in for dy (same shape)
+        if own_gemms:  # y stands in for dy (same shape)
             threads = torch.get_num_threads()
             _C.swiglu_grad_cpu(view(y), view(offsets), view(down), view(h), view(dh), view(act), threads)
             _C.up_grad_input_cpu(view(dh), view(offsets), view(up), view(dx), threads)

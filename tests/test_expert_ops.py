@@ -356,7 +356,8 @@ def test_torch_backward_windows_few_row_products(monkeypatch):
     if not torch.backends.mkl.is_available():
         pytest.skip("the window applies to MKL's sgemm only")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the rule's condition; torch's own threads stay
-    monkeypatch.setattr(_cpu_matmul, "ONEDNN_FP32", False)  # MKL's products, as on a CPU without AVX-512
+    monkeypatch.setattr(_cpu_matmul, "ONEDNN_FP32", False)  # MKL's products per expert, as on a CPU without AVX-512
+    monkeypatch.setattr(ops, "CPU_GEMMS", False)
     counts, d, i = [150, 30, 96, 192, 95, 191], 8, 2048
     ids = torch.cat([torch.full((c,), e, dtype=torch.int32) for e, c in enumerate(counts)])
     ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))].reshape(-1, 1)

@@ -88,25 +88,23 @@ class _ExpertRows:
 CPU_GEMMS = _C.expert_gemms_cpu_supported()
 
 
-def uses_cpu_gemms(x: Tensor, up: Tensor, down: Tensor, backward: bool = False) -> bool:
+def uses_cpu_gemms(x: Tensor, up: Tensor, down: Tensor) -> bool:
     """Whether the torch backend runs the CPU's own kernels over every expert instead of a product
-    per expert: in the forward (backward False) gather, GEMM 1 and SwiGLU in one and GEMM 2 in
-    the other; in the backward dA with the SwiGLU backward in one and dX in the other (the weight
-    gradients: uses_weight_grad_kernel). CPU tensors of one dtype, I a multiple of 32, on an
-    AVX-512 CPU; bf16 with D even; fp32 in the forward, and in the backward where fp32 products go
-    through oneDNN (_cpu_matmul.ONEDNN_FP32: non-Intel CPUs), since MKL's on Intel's equal them
-    there. Measured (2 threads), the forward op at LongCat-Flash's layout (64 experts, D 1024,
-    I 512, T 2048) took on Zen 4 131 ms in fp32 and 72 ms in bf16 through them, 145 and 76 ms
-    through oneDNN's per-expert GEMMs with the gather and SwiGLU passes around them; on a Xeon
-    whose AVX-512 has no BF16 (torch's bf16 products there run at a quarter of its fp32 speed)
-    the whole layer's forward and backward took 430 ms in bf16 through them, 1564 ms through
-    torch's products."""
+    per expert: in the forward gather, GEMM 1 and SwiGLU in one and GEMM 2 in the other, in the
+    backward dA with the SwiGLU backward in one and dX in the other (the weight gradients:
+    uses_weight_grad_kernel). CPU tensors of one dtype (bf16 with D even, or fp32), I a multiple
+    of 32, on an AVX-512 CPU. Measured (2 threads), the forward op at LongCat-Flash's layout (64
+    experts, D 1024, I 512, T 2048) took on Zen 4 131 ms in fp32 and 72 ms in bf16 through them,
+    145 and 76 ms through oneDNN's per-expert GEMMs with the gather and SwiGLU passes around
+    them; on a Xeon whose AVX-512 has no BF16 (where torch's bf16 products run at a quarter of
+    its fp32 speed) the whole layer's fp32 forward 124 vs 147 ms through MKL's, its backward
+    223 vs 226 ms, and in bf16 forward and backward 351 vs 1383 ms through torch's products."""
     if not (CPU_GEMMS and x.device.type == "cpu" and up.dtype == x.dtype and down.dtype == x.dtype
             and up.shape[1] % 64 == 0):
         return False
     if x.dtype == torch.bfloat16:
         return x.shape[1] % 2 == 0
-    return x.dtype == torch.float32 and (not backward or _cpu_matmul.ONEDNN_FP32)
+    return x.dtype == torch.float32
 
 
 def uses_weight_grad_kernel(x: Tensor) -> bool:
@@ -212,7 +210,7 @@ def _cpu_gemms_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: 
 def _torch_backward(grad_y: Tensor, x: Tensor, up: Tensor, down: Tensor, h: Tensor, row_src: Tensor,
                     slot_row: Tensor, offsets: Tensor, top_k: int, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     """The torch backend's backward, one expert at a time (or _cpu_gemms_backward)."""
-    if uses_cpu_gemms(x, up, down, backward=True):
+    if uses_cpu_gemms(x, up, down):
         return _cpu_gemms_backward(grad_y, x, up, down, h, row_src, slot_row, offsets, top_k, scale)
     threads, stream = torch.get_num_threads(), stream_handle(x.device)
     ex = _ExpertRows(offsets)
