@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -55,8 +56,8 @@ void require_cpu_support(const char* op) {
 
 // The kernels work in 32-bit words along K: a bf16 pair (elements 2p, 2p + 1) or one fp32 element.
 // The tiles' word type C is T's own, or fp32 for bf16 operands widened on a CPU without the
-// pairs' dot product (then the rows run as an fp32 copy, the weights' panels are packed as fp32
-// and only the epilogues see bf16).
+// pairs' dot product (then each expert's rows run widened into an fp32 buffer, the weights'
+// panels are packed as fp32 and only the epilogues see bf16).
 template <typename T>
 constexpr int64_t kPerWord = 4 / static_cast<int64_t>(sizeof(T));
 
@@ -384,20 +385,22 @@ uint32_t* align64(uint32_t* p) {
   return reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
 
-// body(e, lo, m, p, panel) for every expert e with m > 0 rows (from row lo) and each of its
-// `panels` panels p, the panels split over the workers; panel: the worker's buffer for one packed
-// panel of `words` words, 64-byte aligned (one cache line per word of K).
-template <typename Body>
+// body(e, lo, m, rows, p, panel) for every expert e with m > 0 rows (from row lo; rows: their
+// pointers from rows_of(lo, m), taken once per expert) and each of its `panels` panels p, the
+// panels split over the workers; panel: the worker's buffer for one packed panel of `words`
+// words, 64-byte aligned (one cache line per word of K).
+template <typename RowsOf, typename Body>
 void each_expert_panel(const int32_t* bounds, int64_t n_ffn, int64_t panels, int64_t words, int num_threads,
-                       const Body& body) {
+                       RowsOf& rows_of, const Body& body) {
   const int workers = choose_workers(panels, num_threads, 1);
   std::vector<std::vector<uint32_t>> buffers(workers, std::vector<uint32_t>(words * kPanel + 16));
   for (int64_t e = 0; e < n_ffn; ++e) {
     const int64_t lo = bounds[e], m = bounds[e + 1] - lo;
     if (m == 0) continue;
+    const void* const* rows = rows_of(lo, m);
     parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
       uint32_t* panel = align64(buffers[w].data());
-      for (int64_t p = begin; p < end; ++p) body(e, lo, m, p, panel);
+      for (int64_t p = begin; p < end; ++p) body(e, lo, m, rows, p, panel);
     });
   }
 }
@@ -410,46 +413,67 @@ std::vector<const void*> row_pointers(const T* rows, int64_t count, int64_t widt
   return out;
 }
 
-// bf16 rows [begin, end) of [count, width] as fp32 rows.
-MOEPP_CPU_GEMM_TARGET void widen_rows(const BFloat16* rows, int64_t begin, int64_t end, int64_t width, float* out) {
+// bf16 rows [begin, end) of `rows` (their pointers; width elements each) as fp32 rows of out.
+MOEPP_CPU_GEMM_TARGET void widen_rows(const void* const* rows, int64_t begin, int64_t end, int64_t width,
+                                      float* out) {
   for (int64_t r = begin; r < end; ++r) {
     for (int64_t i = 0; i < width; i += 16) {
       const __mmask16 mask = static_cast<__mmask16>(first_lanes(width - i, 16));
-      _mm512_mask_storeu_epi32(out + r * width + i, mask, load_words16<BFloat16, float>(rows + r * width, i, mask));
+      _mm512_mask_storeu_epi32(out + r * width + i, mask, load_words16<BFloat16, float>(rows[r], i, mask));
     }
   }
 }
 
-// Rows [count, width] as the tiles read them (words of C): where they are, or, for fp32 tiles
-// of bf16 rows, widened into `copy`.
+// One expert's rows as the tiles read them (words of C), from the pointers of every row (`width`
+// elements of T each): the pointers themselves, or, for fp32 tiles of bf16 rows, the expert's
+// rows widened into a buffer reused from expert to expert.
 template <typename T, typename C>
-const void* compute_rows(const T* rows, int64_t count, int64_t width, std::vector<float>& copy, int num_threads) {
-  if constexpr (std::is_same_v<T, C>) {
-    return rows;
-  } else {
-    copy.resize(static_cast<size_t>(count * width));
-    parallel_for(count, choose_workers(count * width, num_threads, 1 << 16), [&](int, int64_t begin, int64_t end) {
-      widen_rows(rows, begin, end, width, copy.data());
-    });
-    return copy.data();
+class ExpertRows {
+ public:
+  ExpertRows(std::vector<const void*> rows, int64_t width, const int32_t* bounds, int64_t n_ffn, int num_threads)
+      : rows_(std::move(rows)), width_(width), num_threads_(num_threads) {
+    if constexpr (!std::is_same_v<T, C>) {
+      int64_t widest = 0;
+      for (int64_t e = 0; e < n_ffn; ++e) widest = std::max<int64_t>(widest, bounds[e + 1] - bounds[e]);
+      widened_.reset(new float[static_cast<size_t>(widest * width)]);  // not zeroed: written before read
+      widened_rows_ = row_pointers(widened_.get(), widest, width);
+    }
   }
-}
+
+  const void* const* operator()(int64_t lo, int64_t m) {
+    if constexpr (std::is_same_v<T, C>) {
+      return rows_.data() + lo;
+    } else {
+      parallel_for(m, choose_workers(m * width_, num_threads_, 1 << 16), [&](int, int64_t begin, int64_t end) {
+        widen_rows(rows_.data() + lo, begin, end, width_, widened_.get());
+      });
+      return widened_rows_.data();
+    }
+  }
+
+ private:
+  std::vector<const void*> rows_;
+  int64_t width_;
+  int num_threads_;
+  std::unique_ptr<float[]> widened_;
+  std::vector<const void*> widened_rows_;
+};
 
 template <typename T, typename C>
 void up_swiglu_typed(const TensorView& x, const int32_t* src, const int32_t* bounds, int64_t n_ffn,
                      const TensorView& up, int top_k, float scale, T* a, T* h, int num_threads) {
   const int64_t tokens = x.shape[0], dim = x.shape[1], inner = up.shape[1] / 2;
   const int64_t words = dim / kPerWord<C>, panels = inner / kGatePanel, row_bytes = dim * sizeof(T);
-  std::vector<float> widened;
-  const C* x_words = static_cast<const C*>(compute_rows<T, C>(x.ptr<T>(), tokens, dim, widened, num_threads));
-  const std::vector<C> zero_row(static_cast<size_t>(dim), C{0});
+  const std::vector<T> zero_row(static_cast<size_t>(dim), T{0});
   std::vector<const void*> x_rows(static_cast<size_t>(bounds[n_ffn]));
   for (int64_t r = 0; r < bounds[n_ffn]; ++r) {
-    x_rows[r] = in_range(src[r], tokens * top_k) ? x_words + static_cast<int64_t>(src[r] / top_k) * dim
+    x_rows[r] = in_range(src[r], tokens * top_k) ? x.ptr<T>() + static_cast<int64_t>(src[r] / top_k) * dim
                                                  : zero_row.data();
   }
-  each_expert_panel(bounds, n_ffn, panels, words, num_threads, [&](int64_t e, int64_t lo, int64_t m, int64_t p,
-                                                                  uint32_t* panel) {
+  ExpertRows<T, C> rows_of(std::move(x_rows), dim, bounds, n_ffn, num_threads);
+  each_expert_panel(bounds, n_ffn, panels, words, num_threads, rows_of, [&](int64_t e, int64_t lo, int64_t m,
+                                                                           const void* const* rows, int64_t p,
+                                                                           uint32_t* panel) {
     const char* u_e = reinterpret_cast<const char*>(up.ptr<T>() + e * 2 * inner * dim);
     const int64_t column = p * kGatePanel;
     const SwigluEpilogue<T> epilogue{a + lo * inner, h == nullptr ? nullptr : h + lo * 2 * inner, inner, column,
@@ -459,14 +483,14 @@ void up_swiglu_typed(const TensorView& x, const int32_t* src, const int32_t* bou
       for (int64_t c = 0; c < kPanel; ++c) {
         weight_rows[c] = u_e + ((c < kGatePanel ? 0 : inner - kGatePanel) + column + c) * row_bytes;
       }
-      direct_rows<T, C>(x_rows.data() + lo, m, weight_rows, words, epilogue);
+      direct_rows<T, C>(rows, m, weight_rows, words, epilogue);
       return;
     }
     for (int q = 0; q < 4; ++q) {  // gate rows, then the matching up rows, 16 at a time
       const int64_t first = (q < 2 ? 0 : inner) + column + (q % 2) * 16;
       pack_rows<T, C>(u_e + first * row_bytes, row_bytes, 16, words, panel, q * 16);
     }
-    panel_rows<C>(x_rows.data() + lo, m, panel, words, epilogue);
+    panel_rows<C>(rows, m, panel, words, epilogue);
   });
 }
 
@@ -474,18 +498,17 @@ template <typename T, typename C>
 void down_typed(const T* a, const int32_t* bounds, int64_t n_ffn, const T* down, int64_t dim, int64_t inner, T* y,
                 int num_threads) {
   const int64_t words = inner / kPerWord<C>, panels = (dim + kPanel - 1) / kPanel, row_bytes = inner * sizeof(T);
-  std::vector<float> widened;
-  const C* a_words = static_cast<const C*>(compute_rows<T, C>(a, bounds[n_ffn], inner, widened, num_threads));
-  const std::vector<const void*> a_rows = row_pointers(a_words, bounds[n_ffn], inner);
-  each_expert_panel(bounds, n_ffn, panels, words, num_threads, [&](int64_t e, int64_t lo, int64_t m, int64_t p,
-                                                                  uint32_t* panel) {
+  ExpertRows<T, C> rows_of(row_pointers(a, bounds[n_ffn], inner), inner, bounds, n_ffn, num_threads);
+  each_expert_panel(bounds, n_ffn, panels, words, num_threads, rows_of, [&](int64_t e, int64_t lo, int64_t m,
+                                                                           const void* const* rows, int64_t p,
+                                                                           uint32_t* panel) {
     const char* v_e = reinterpret_cast<const char*>(down + e * dim * inner);
     const int64_t column = p * kPanel;
     const StoreEpilogue<T> epilogue{y + lo * dim, dim, column, std::min(kPanel, dim - column)};
     if (m <= kDirectRows) {
       const char* weight_rows[kPanel];  // V_e's rows column + c, null past D
       for (int64_t c = 0; c < kPanel; ++c) weight_rows[c] = column + c < dim ? v_e + (column + c) * row_bytes : nullptr;
-      direct_rows<T, C>(a_rows.data() + lo, m, weight_rows, words, epilogue);
+      direct_rows<T, C>(rows, m, weight_rows, words, epilogue);
       return;
     }
     for (int q = 0; q < 4; ++q) {  // V_e's rows column + 16q ..., zeros past D
@@ -493,7 +516,7 @@ void down_typed(const T* a, const int32_t* bounds, int64_t n_ffn, const T* down,
       const int valid = static_cast<int>(std::min<int64_t>(16, std::max<int64_t>(0, dim - first)));
       pack_rows<T, C>(valid > 0 ? v_e + first * row_bytes : nullptr, row_bytes, valid, words, panel, 16 * q);
     }
-    panel_rows<C>(a_rows.data() + lo, m, panel, words, epilogue);
+    panel_rows<C>(rows, m, panel, words, epilogue);
   });
 }
 
@@ -504,15 +527,14 @@ template <typename T, typename C, typename MakeEpilogue>
 void rows_by_columns(const T* rows, int64_t k, const int32_t* bounds, int64_t n_ffn, const T* weights, int64_t n,
                      int num_threads, const MakeEpilogue& make_epilogue) {
   const int64_t words = k / kPerWord<C>, panels = (n + kPanel - 1) / kPanel;
-  std::vector<float> widened;
-  const C* row_words = static_cast<const C*>(compute_rows<T, C>(rows, bounds[n_ffn], k, widened, num_threads));
-  const std::vector<const void*> row_ptrs = row_pointers(row_words, bounds[n_ffn], k);
-  each_expert_panel(bounds, n_ffn, panels, words, num_threads, [&](int64_t e, int64_t lo, int64_t m, int64_t p,
-                                                                  uint32_t* panel) {
+  ExpertRows<T, C> rows_of(row_pointers(rows, bounds[n_ffn], k), k, bounds, n_ffn, num_threads);
+  each_expert_panel(bounds, n_ffn, panels, words, num_threads, rows_of, [&](int64_t e, int64_t lo, int64_t m,
+                                                                           const void* const* expert_rows, int64_t p,
+                                                                           uint32_t* panel) {
     const int64_t column = p * kPanel, width = std::min(kPanel, n - column);
     const T* b_e = weights + e * k * n;
     pack_columns<T, C>([&](int64_t i) { return b_e + i * n; }, k, column, width, panel);
-    panel_rows<C>(row_ptrs.data() + lo, m, panel, words, make_epilogue(lo, column, width));
+    panel_rows<C>(expert_rows, m, panel, words, make_epilogue(lo, column, width));
   });
 }
 
@@ -590,7 +612,7 @@ void weight_grad_typed(const T* lhs, int64_t n1, const int32_t* bounds, int64_t 
   for (int64_t e = 0; e < n_ffn; ++e) widest = std::max<int64_t>(widest, bounds[e + 1] - bounds[e]);
   const int64_t panels = (n2 + kPanel - 1) / kPanel;
   const int workers = choose_workers(panels, num_threads, 1);
-  std::vector<float> lhs_t(static_cast<size_t>(n1 * widest));
+  const std::unique_ptr<float[]> lhs_t(new float[static_cast<size_t>(n1 * widest)]);  // written per expert
   struct Worker {
     std::vector<uint32_t> panel;
     std::vector<float> sums;
@@ -610,7 +632,7 @@ void weight_grad_typed(const T* lhs, int64_t n1, const int32_t* bounds, int64_t 
       continue;
     }
     parallel_for(n1, choose_workers(n1, num_threads, 64), [&](int, int64_t begin, int64_t end) {
-      transpose_columns(lhs + lo * n1, n1, m, begin, end, lhs_t.data());
+      transpose_columns(lhs + lo * n1, n1, m, begin, end, lhs_t.get());
     });
     parallel_for(panels, workers, [&](int w, int64_t begin, int64_t end) {
       Worker& mine = state[w];
@@ -620,7 +642,7 @@ void weight_grad_typed(const T* lhs, int64_t n1, const int32_t* bounds, int64_t 
         for (int64_t k0 = 0; k0 < m; k0 += kGradRows) {
           const int64_t chunk = std::min(kGradRows, m - k0);
           pack_columns<T, float>([&](int64_t i) { return rhs_row(lo + k0 + i); }, chunk, column, width, panel);
-          for (int64_t n = 0; n < n1; ++n) mine.rows[n] = lhs_t.data() + n * m + k0;
+          for (int64_t n = 0; n < n1; ++n) mine.rows[n] = lhs_t.get() + n * m + k0;
           const WeightGradEpilogue<T> epilogue{mine.sums.data(), out_e, n2, column, width, scale, k0 == 0,
                                                k0 + chunk >= m};
           panel_rows<float>(mine.rows.data(), n1, panel, chunk, epilogue);

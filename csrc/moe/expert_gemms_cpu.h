@@ -6,11 +6,11 @@
 // for the rows r of expert e. Tiles of 6 rows by a 64-column panel of the weight's rows (U_e's
 // 32 gate rows and the matching up rows; 64 rows of V_e), 24 AVX-512 accumulators: vdpbf16ps
 // dot products of bf16 pairs, or fp32 FMAs (fp32, and bf16 widened where the CPU has no
-// vdpbf16ps: the rows as an fp32 copy, the panels packed as fp32). Rows are read where they are
-// (x's through row_src: no gathered copy); each panel is packed into the worker's cache just
-// before its rows run; the SwiGLU is the first kernel's epilogue. x (a) and the weights share
-// one dtype; I is a multiple of 32 and, in bf16, D is even. Rows past offsets[n_ffn] are not
-// written.
+// vdpbf16ps: each expert's rows widened into an fp32 buffer, the panels packed as fp32). Rows
+// are otherwise read where they are (x's through row_src: no gathered copy); each panel is
+// packed into the worker's cache just before its rows run; the SwiGLU is the first kernel's
+// epilogue. x (a) and the weights share one dtype; I is a multiple of 32 and, in bf16, D is
+// even. Rows past offsets[n_ffn] are not written.
 #pragma once
 
 #include <cstdint>
@@ -26,8 +26,8 @@ bool expert_gemms_cpu_supported();
 
 // Whether bf16 runs as pairs through vdpbf16ps (AVX512-BF16: Zen 4, Intel from Cooper Lake; the
 // default wherever the CPU has it) or widened to fp32 for fp32 FMAs (other AVX-512 CPUs, or
-// switched so by set_expert_gemms_cpu_bf16_pairs(false)). Both round the same fp32 sums the same
-// way; they differ as two summation orders do.
+// switched so by set_expert_gemms_cpu_bf16_pairs(false)). Their fp32 sums differ as two summation
+// orders do (and vdpbf16ps takes bf16 denormals as zeros).
 bool expert_gemms_cpu_bf16_pairs();
 void set_expert_gemms_cpu_bf16_pairs(bool enabled);  // enabled without AVX512-BF16: std::invalid_argument
 
