@@ -232,6 +232,28 @@ def test_weight_grad_all_rows_to_one_expert_and_slots_naming_no_token(dtype):
 
 
 @needs_cpu_gemms
+def test_bf16_outputs_round_to_nearest_even():
+    # one product per output (a one-hot lhs; V_e = s · I), so the fp32 value is exact and only its
+    # rounding to bf16 is tested against torch's (to nearest even; inf stays inf, NaN stays NaN:
+    # 0 · inf and NaN make NaN)
+    g = torch.Generator().manual_seed(13)
+    rhs = (1000 * torch.randn(2, 4096, generator=g)).bfloat16()
+    rhs[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    lhs = torch.zeros(2, 5, dtype=torch.bfloat16)
+    lhs[0, 0], lhs[1, 3] = 1, 1
+    offsets = torch.tensor([0, 1, 2], dtype=torch.int32)
+    scale = 1 + 2 ** -8  # puts the products between bf16 values, ties among them
+    got = weight_grad(lhs, rhs, offsets, 2, scale=scale)
+    want = torch.stack([scale * (lhs[e:e + 1].float().t() @ rhs[e:e + 1].float()) for e in range(2)]).bfloat16()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    a = (1000 * torch.randn(7, 64, generator=g)).bfloat16()
+    s = 1 + 2 ** -7
+    eye = (s * torch.eye(64)).bfloat16().expand(1, 64, 64).contiguous()
+    y = down(a, torch.tensor([0, 7], dtype=torch.int32), eye)
+    assert torch.equal(y, (s * a.float()).bfloat16())
+
+
+@needs_cpu_gemms
 def test_swiglu_grad_epilogue_is_swiglu_backward_bit_for_bit(dtype):
     # V_e = identity (D = I): da = dy exactly, so dh and a must be swiglu_backward's to the bit
     g = torch.Generator().manual_seed(7)
