@@ -1,10 +1,11 @@
-"""The CPU's own GEMM kernels for the experts' forward (csrc/moe/expert_gemms_cpu.h), bf16 and fp32:
+"""The CPU's own GEMM kernels for the experts (csrc/moe/expert_gemms_cpu.h), bf16 and fp32:
 up_swiglu_cpu's h against the fp64 product of the scaled gathered rows and its a bit for bit as
 swiglu_forward computes it from that h, down_cpu's y against the fp64 product, both through the
-packed tiles and the unpacked path of experts of at most 2 rows, the layer through them against
-the per-expert route, and clear errors for bad input (checked before the CPU's: run everywhere).
-bf16 runs both ways: as pairs through vdpbf16ps (skipped on CPUs without AVX512-BF16) and widened
-to fp32. The kernels' tests are skipped on CPUs without AVX-512."""
+packed tiles and the unpacked path of experts of at most 2 rows; the backward's dh, a and dx and
+weight_grad_cpu's gradients against fp64 products; bf16 rounding as torch's; the layer through
+them against the per-expert route, and clear errors for bad input (checked before the CPU's: run
+everywhere). bf16 runs both ways: as pairs through vdpbf16ps (skipped on CPUs without
+AVX512-BF16) and widened to fp32. The kernels' tests are skipped on CPUs without AVX-512."""
 
 import pytest
 import torch

@@ -189,42 +189,16 @@ struct SwigluEpilogue {
   }
 };
 
-// 16 fp32 lanes rounded to T (bf16 as to_bfloat16 rounds: to nearest even, a NaN kept and made
-// quiet) into dst's lanes in mask.
-template <typename T>
-MOEPP_CPU_GEMM_TARGET inline void store16(T* dst, __m512 v, __mmask16 mask) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_mask_storeu_ps(dst, mask, v);
-  } else {
-    const __m512i u = _mm512_castps_si512(v), high = _mm512_srli_epi32(u, 16);
-    const __m512i rounding = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(high, _mm512_set1_epi32(1)));
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                  _mm512_set1_epi32(0x7f800000));
-    const __m512i bits = _mm512_mask_or_epi32(_mm512_srli_epi32(_mm512_add_epi32(u, rounding), 16), nan, high,
-                                              _mm512_set1_epi32(0x40));
-    _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(bits));
-  }
-}
-
-// The first `width` (at most 64) of 64 fp32 values, each times scale (and plus add's, where
-// given), rounded to T into dst.
-template <typename T>
-MOEPP_CPU_GEMM_TARGET inline void store_row(T* dst, const float* values, int64_t width, float scale = 1.0f,
-                                            const float* add = nullptr) {
-  for (int j = 0; j < 4; ++j) {
-    __m512 v = _mm512_loadu_ps(values + 16 * j);
-    if (add != nullptr) v = _mm512_add_ps(_mm512_loadu_ps(add + 16 * j), v);
-    store16(dst + 16 * j, _mm512_mul_ps(v, _mm512_set1_ps(scale)), static_cast<__mmask16>(first_lanes(width - 16 * j, 16)));
-  }
-}
-
 // down's epilogue, one row: the panel's `width` outputs rounded to T.
 template <typename T>
 struct StoreEpilogue {
   T* y;  // the expert's first row of y
   int64_t dim, column, width;
 
-  MOEPP_CPU_GEMM_TARGET void operator()(int64_t r, const float* out) const { store_row(y + r * dim + column, out, width); }
+  MOEPP_CPU_GEMM_TARGET void operator()(int64_t r, const float* out) const {
+    T* y_row = y + r * dim + column;
+    for (int64_t i = 0; i < width; ++i) y_row[i] = from_float<T>(out[i]);
+  }
 };
 
 // The dot-product layout of columns [column, column + width) of K rows (row(i): row i's first
@@ -595,11 +569,10 @@ struct WeightGradEpilogue {
   MOEPP_CPU_GEMM_TARGET void operator()(int64_t r, const float* chunk) const {
     float* sum = sums + r * kPanel;
     if (last) {
-      store_row(out + r * n2 + column, chunk, width, scale, first ? nullptr : sum);
-    } else if (first) {
-      std::memcpy(sum, chunk, kPanel * sizeof(float));
+      T* out_row = out + r * n2 + column;
+      for (int64_t i = 0; i < width; ++i) out_row[i] = from_float<T>(scale * (first ? chunk[i] : sum[i] + chunk[i]));
     } else {
-      store_row(sum, chunk, kPanel, 1.0f, sum);
+      for (int i = 0; i < kPanel; ++i) sum[i] = first ? chunk[i] : sum[i] + chunk[i];
     }
   }
 };
@@ -712,11 +685,8 @@ void weight_grad_typed(const Args&...) {}
 bool expert_gemms_cpu_supported() {
   static const bool supported = [] {
     __builtin_cpu_init();  // avx512f here also means the OS saves the vector state
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
-      return false;
-    }
-    return true;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   }();
   return supported;
 }
