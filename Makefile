@@ -45,7 +45,9 @@ test: lint
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The package again, CPU-only and instrumented with ASan + UBSan (its own build directory), into
-# a directory of its own; the CPU suite then runs on it with the sanitizer runtimes preloaded
+# a directory of its own, its CPU experts' bf16 pairs route emulating AVX512-BF16 (so that the
+# route's tests run on every AVX-512 CPU, not only on those with the instruction); the CPU suite
+# then runs on it with the sanitizer runtimes preloaded
 # (python itself is not instrumented). Any report aborts the run. Leaks are not checked: the
 # interpreter keeps its own allocations to exit. The kernel-resource gate compiles CUDA sources
 # and needs no module, so it runs only in `make test`.
@@ -53,7 +55,7 @@ SANITIZE_SITE := $(CURDIR)/build/sanitize-site
 SANITIZE_RUNTIMES = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libubsan.so)
 test-sanitize: setup
 	rm -rf $(SANITIZE_SITE)
-	MOEPP_CUDA=0 MOEPP_SANITIZE=address,undefined $(BIN)/python -m pip install -q --no-deps --target $(SANITIZE_SITE) .
+	MOEPP_CUDA=0 MOEPP_SANITIZE=address,undefined MOEPP_EMULATE_BF16_PAIRS=1 $(BIN)/python -m pip install -q --no-deps --target $(SANITIZE_SITE) .
 	@set +e; MOEPP_EXPECT_CUTLASS= ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		LD_PRELOAD="$(SANITIZE_RUNTIMES)" PYTHONPATH=$(SANITIZE_SITE) \

@@ -2,7 +2,9 @@
 
 Environment knobs: MOEPP_CUDA (auto|0|1), MOEPP_CUDA_ARCHS (default "80;90a"),
 MOEPP_SANITIZE (e.g. address,undefined: a sanitized CPU-only build, in a build
-directory of its own), MOEPP_CUTLASS_DIR (CUTLASS source root; default: the
+directory of its own), MOEPP_EMULATE_BF16_PAIRS (1: the CPU experts' bf16 pairs
+route emulates AVX512-BF16, for tests on CPUs without it; a build directory of its
+own too), MOEPP_CUTLASS_DIR (CUTLASS source root; default: the
 nvidia-cutlass wheel's),
 MAX_JOBS (default: from cores and free memory), CMAKE_BUILD_TYPE. ccache is
 used when it is on PATH.
@@ -69,7 +71,9 @@ class CMakeBuild(build_ext):
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         sanitize = os.environ.get("MOEPP_SANITIZE", "")
-        variant = "-sanitize-" + sanitize.replace(",", "-") if sanitize else ""
+        emulate_pairs = os.environ.get("MOEPP_EMULATE_BF16_PAIRS", "0") not in ("", "0")
+        variant = ("-sanitize-" + sanitize.replace(",", "-") if sanitize else "") + (
+            "-emulate-bf16-pairs" if emulate_pairs else "")
         build_dir = Path(self.build_temp).resolve() / (ext.name + variant)
         build_dir.mkdir(parents=True, exist_ok=True)
         jobs = os.environ.get("MAX_JOBS") or str(default_max_jobs())
@@ -86,6 +90,7 @@ class CMakeBuild(build_ext):
             f"-DMOEPP_CUDA_ARCHS={os.environ.get('MOEPP_CUDA_ARCHS', '80;90a')}",
             f"-DMOEPP_CUTLASS_DIR={cutlass_dir() if not sanitize else ''}",
             f"-DMOEPP_SANITIZE={sanitize}",
+            f"-DMOEPP_EMULATE_BF16_PAIRS={'ON' if emulate_pairs else 'OFF'}",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             "-G",
             "Ninja",

@@ -5,7 +5,7 @@ packed tiles and the unpacked path of experts of at most 2 rows; the backward's 
 weight_grad_cpu's gradients against fp64 products; bf16 rounding as torch's; the layer through
 them against the per-expert route, and clear errors for bad input (checked before the CPU's: run
 everywhere). bf16 runs both ways: as pairs through vdpbf16ps (skipped on CPUs without
-AVX512-BF16) and widened to fp32. The kernels' tests are skipped on CPUs without AVX-512."""
+AVX512-BF16, unless the build emulates it, as make test-sanitize's does) and widened to fp32. The kernels' tests are skipped on CPUs without AVX-512."""
 
 import pytest
 import torch

@@ -26,6 +26,9 @@
 #else
 #define MOEPP_HAS_CPU_GEMMS 0
 #endif
+#ifndef MOEPP_EMULATE_BF16_PAIRS
+#define MOEPP_EMULATE_BF16_PAIRS 0
+#endif
 
 namespace moepp::moe {
 
@@ -280,6 +283,22 @@ struct SwigluGradEpilogue {
   }
 };
 
+// acc + x's bf16 pairs times w's, lane by lane: vdpbf16ps, or where the build emulates it
+// (MOEPP_EMULATE_BF16_PAIRS, so that CPUs without AVX512-BF16 test the pairs' route) the sum as
+// the instruction's definition writes it: the odd elements' product, then the even ones', each
+// exact in fp32 and added with one rounding (its flush of denormals to zero aside).
+MOEPP_CPU_GEMM_TARGET inline __m512 dot_bf16_pairs(__m512 acc, __m512i x, __m512i w) {
+#if MOEPP_EMULATE_BF16_PAIRS
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m512 odd = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(x, high)),
+                                   _mm512_castsi512_ps(_mm512_and_si512(w, high)));
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)),
+                         _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), _mm512_add_ps(acc, odd));
+#else
+  return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+#endif
+}
+
 // R rows (first: their index among the expert's rows) against one packed panel of `words` words,
 // both in the word type C.
 template <typename C, int R, typename Epilogue>
@@ -302,11 +321,11 @@ MOEPP_CPU_GEMM_TARGET void tile(const void* const* rows, const uint32_t* panel, 
         acc[r][2] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(u2), acc[r][2]);
         acc[r][3] = _mm512_fmadd_ps(x, _mm512_castsi512_ps(u3), acc[r][3]);
       } else {
-        const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_word(rows[r], p)));
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, (__m512bh)u0);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, (__m512bh)u1);
-        acc[r][2] = _mm512_dpbf16_ps(acc[r][2], x, (__m512bh)u2);
-        acc[r][3] = _mm512_dpbf16_ps(acc[r][3], x, (__m512bh)u3);
+        const __m512i x = _mm512_set1_epi32(static_cast<int>(load_word(rows[r], p)));
+        acc[r][0] = dot_bf16_pairs(acc[r][0], x, u0);
+        acc[r][1] = dot_bf16_pairs(acc[r][1], x, u1);
+        acc[r][2] = dot_bf16_pairs(acc[r][2], x, u2);
+        acc[r][3] = dot_bf16_pairs(acc[r][3], x, u3);
       }
     }
   }
@@ -344,7 +363,7 @@ MOEPP_CPU_GEMM_TARGET inline __m512 dot_step(__m512 acc, __m512i x, __m512i w) {
   if constexpr (std::is_same_v<C, float>) {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
   } else {
-    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+    return dot_bf16_pairs(acc, x, w);
   }
 }
 
@@ -653,6 +672,7 @@ void weight_grad_typed(const T* lhs, int64_t n1, const int32_t* bounds, int64_t 
 }
 
 bool cpu_has_bf16_pairs() {
+  if (MOEPP_EMULATE_BF16_PAIRS) return true;
   static const bool has = [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
