@@ -18,7 +18,10 @@
 // (x86-64-v4) clone too: 512-bit vectors halve their instructions (measured on Sapphire
 // Rapids, one thread, 2048-wide rows: SwiGLU bf16 2.3 -> 1.1 ms per 1024 rows, fp32
 // 1.3 -> 0.8). The router's short, branchy loops gained nothing from it and keep v3.
-// Each lane's math is the same in every clone, so results do not depend on the clone.
+// Each lane's math is the same in every clone, but for rounding: the v3 and v4 clones fuse a
+// product and a sum into one FMA (the build contracts them, -ffp-contract=fast under gnu++17)
+// where the baseline clone rounds twice, so on a CPU without AVX2 results may differ in the
+// last bits. The clone does not change between the calls of one process.
 #define MOEPP_CPU_WIDE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MOEPP_CPU_CLONES
