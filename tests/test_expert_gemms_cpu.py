@@ -5,7 +5,8 @@ packed tiles and the unpacked path of experts of at most 2 rows; the backward's 
 weight_grad_cpu's gradients against fp64 products; bf16 rounding as torch's; the layer through
 them against the per-expert route, and clear errors for bad input (checked before the CPU's: run
 everywhere). bf16 runs both ways: as pairs through vdpbf16ps (skipped on CPUs without
-AVX512-BF16, unless the build emulates it, as make test-sanitize's does) and widened to fp32. The kernels' tests are skipped on CPUs without AVX-512."""
+AVX512-BF16, unless the build emulates it, as make test-sanitize's does) and widened to fp32.
+The kernels' tests are skipped on CPUs without AVX-512."""
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ HAS_BF16_PAIRS = _C.expert_gemms_cpu_bf16_pairs()  # the default wherever the CP
 
 @pytest.fixture(params=[
     pytest.param((torch.bfloat16, True), id="bf16-pairs",
-                 marks=pytest.mark.skipif(not HAS_BF16_PAIRS, reason="needs a CPU with AVX512-BF16")),
+                 marks=pytest.mark.skipif(not HAS_BF16_PAIRS, reason="needs AVX512-BF16 (or a build emulating it)")),
     pytest.param((torch.bfloat16, False), id="bf16-widened"),
     pytest.param((torch.float32, HAS_BF16_PAIRS), id="fp32"),
 ])
