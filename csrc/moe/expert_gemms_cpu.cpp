@@ -400,6 +400,13 @@ MOEPP_CPU_GEMM_TARGET void direct_rows(const void* const* rows, int64_t m, const
   }
 }
 
+// The most rows any expert has.
+int64_t widest_expert(const int32_t* bounds, int64_t n_ffn) {
+  int64_t widest = 0;
+  for (int64_t e = 0; e < n_ffn; ++e) widest = std::max<int64_t>(widest, bounds[e + 1] - bounds[e]);
+  return widest;
+}
+
 uint32_t* align64(uint32_t* p) {
   return reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
 }
@@ -452,8 +459,7 @@ class ExpertRows {
   ExpertRows(std::vector<const void*> rows, int64_t width, const int32_t* bounds, int64_t n_ffn, int num_threads)
       : rows_(std::move(rows)), width_(width), num_threads_(num_threads) {
     if constexpr (!std::is_same_v<T, C>) {
-      int64_t widest = 0;
-      for (int64_t e = 0; e < n_ffn; ++e) widest = std::max<int64_t>(widest, bounds[e + 1] - bounds[e]);
+      const int64_t widest = widest_expert(bounds, n_ffn);
       widened_.reset(new float[static_cast<size_t>(widest * width)]);  // not zeroed: written before read
       widened_rows_ = row_pointers(widened_.get(), widest, width);
     }
@@ -627,8 +633,7 @@ constexpr int64_t kGradRows = 256;
 template <typename T, typename RhsRow>
 void weight_grad_typed(const T* lhs, int64_t n1, const int32_t* bounds, int64_t n_ffn, int64_t n2,
                        const RhsRow& rhs_row, float scale, T* out, int num_threads) {
-  int64_t widest = 0;
-  for (int64_t e = 0; e < n_ffn; ++e) widest = std::max<int64_t>(widest, bounds[e + 1] - bounds[e]);
+  const int64_t widest = widest_expert(bounds, n_ffn);
   const int64_t panels = (n2 + kPanel - 1) / kPanel;
   const int workers = choose_workers(panels, num_threads, 1);
   const std::unique_ptr<float[]> lhs_t(new float[static_cast<size_t>(n1 * widest)]);  // written per expert
@@ -832,20 +837,15 @@ void weight_grad_cpu(const TensorView& lhs, const TensorView& rhs, const std::op
     check_view(out, "out", DTypeOf<T>::value, {n_ffn, n1, n2}, cpu, -1);
     const int32_t* bounds = checked_bounds(offsets, n_ffn, rows);
     require_cpu_support("weight_grad_cpu");
-    const T* rhs_rows_first = rhs.ptr<T>();
+    const T* rhs_first = rhs.ptr<T>();
     const int32_t* src = rhs_src ? rhs_src->ptr<int32_t>() : nullptr;
     const int64_t slots = rhs_rows * top_k;
-    if (src == nullptr) {
-      weight_grad_typed<T>(lhs.ptr<T>(), n1, bounds, n_ffn, n2,
-                           [&](int64_t r) -> const T* { return rhs_rows_first + r * n2; }, scale, out.ptr<T>(),
-                           num_threads);
-    } else {  // row r: the token of slot src[r], a zero row for a slot naming none
-      weight_grad_typed<T>(lhs.ptr<T>(), n1, bounds, n_ffn, n2,
-                           [&](int64_t r) -> const T* {
-                             return in_range(src[r], slots) ? rhs_rows_first + (src[r] / top_k) * n2 : nullptr;
-                           },
-                           scale, out.ptr<T>(), num_threads);
-    }
+    // row r of rhs: rhs's row r, or through rhs_src the token of slot src[r] (a zero row for a slot naming none)
+    const auto rhs_row = [&](int64_t r) -> const T* {
+      if (src == nullptr) return rhs_first + r * n2;
+      return in_range(src[r], slots) ? rhs_first + (src[r] / top_k) * n2 : nullptr;
+    };
+    weight_grad_typed<T>(lhs.ptr<T>(), n1, bounds, n_ffn, n2, rhs_row, scale, out.ptr<T>(), num_threads);
   });
 }
 
